@@ -19,7 +19,6 @@ import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass
-from email.headerregistry import Address
 from email.utils import parseaddr
 
 import idna
@@ -124,9 +123,7 @@ def normalise_domain(domain: str, *, where: str | None = None) -> str:
     try:
         alabel = idna.encode(d, uts46=True, transitional=False).decode("ascii")
     except (idna.IDNAError, UnicodeError) as exc:
-        raise InvalidAddressError(
-            f"invalid domain {raw!r}: {exc}", address=where or raw
-        ) from exc
+        raise InvalidAddressError(f"invalid domain {raw!r}: {exc}", address=where or raw) from exc
     alabel = alabel.lower()
     if "." not in alabel:
         raise InvalidAddressError(
@@ -149,8 +146,9 @@ def normalise(address: str) -> NormalisedAddress:
             forbidden character, too long...).
     """
     if not isinstance(address, str):
-        raise InvalidAddressError(f"address must be a string, not {type(address).__name__}",
-                                  address=repr(address))
+        raise InvalidAddressError(
+            f"address must be a string, not {type(address).__name__}", address=repr(address)
+        )
     given = address
     if "\r" in given or "\n" in given or "\x00" in given:
         raise InvalidAddressError("address contains a line break or NUL", address=given)

@@ -6,7 +6,7 @@ whose message names the field. Field names follow RULES.md ("Assumed per-recipie
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -66,7 +66,7 @@ EmailStr = Annotated[str, AfterValidator(_check_email)]
 
 def _aware(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
+        return value.replace(tzinfo=UTC)
     return value
 
 
