@@ -1,0 +1,67 @@
+# prospect-mailer: `make demo` and `make test` work on a fresh machine with Python 3.11 and make.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# Debian packages the test suite needs (installed with apt-get when running as root).
+# None yet: the suite of the core runs on Python packages and the machine's PostgreSQL alone.
+DEBIAN_PACKAGES :=
+
+.PHONY: demo test lint typecheck pytest wheel-check sysdeps clean bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/prospect-mailer demo
+
+sysdeps:
+	@if [ -z "$(DEBIAN_PACKAGES)" ]; then \
+	  echo "sysdeps: no Debian packages needed by this suite"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES); \
+	else \
+	  echo "sysdeps: NOT root, cannot install $(DEBIAN_PACKAGES); tests needing them will be skipped"; \
+	fi
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed-test
+	$(BIN)/mypy --strict prospect_mailer tests/type_usage.py
+
+pytest: $(VENV)/.installed-test
+	@source scripts/postgres-env.sh && $(BIN)/pytest $(PYTEST_ARGS)
+
+# Test what users install: build the wheel, install it in a clean venv, check the templates and
+# the console script are in it, and run the demo from the installed package.
+wheel-check: $(VENV)/.installed-test
+	@rm -rf build/wheel-check && mkdir -p build/wheel-check
+	$(BIN)/python -m pip wheel --quiet --no-deps -w build/wheel-check .
+	$(PYTHON) -m venv build/wheel-check/venv
+	build/wheel-check/venv/bin/python -m pip install --quiet build/wheel-check/*.whl
+	cd build/wheel-check && venv/bin/python -c "import prospect_mailer, pathlib; \
+	  d = pathlib.Path(prospect_mailer.__file__).parent; \
+	  assert (d / 'py.typed').exists(), 'py.typed missing'; \
+	  t = sorted(p.name for p in (d / 'templates').glob('footer*')); \
+	  assert len(t) >= 4, t; print('wheel ships templates:', t)"
+	cd build/wheel-check && venv/bin/prospect-mailer demo --examples ../../examples --output demo >/dev/null \
+	  && echo "wheel-check: installed console script ran the demo"
+
+test: sysdeps lint typecheck pytest wheel-check
+
+bench: $(VENV)/.installed-test
+	@echo "benchmarks: see bench/ (issue 6)"; ls bench 2>/dev/null || true
+
+clean:
+	rm -rf $(VENV) build dist demo-output .mypy_cache .ruff_cache .pytest_cache

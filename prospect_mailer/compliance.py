@@ -1,0 +1,390 @@
+"""Footers and headers into a MIME message (pipeline step 5; pure, no I/O but template loading).
+
+What every prospecting message gets, whatever built it (library, relay, CLI):
+
+* in every ``text/plain`` and ``text/html`` body part, a footer with three blocks: the origin of
+  the data (GDPR_ART14_NOTICE_FIRST_CONTACT, FR_PARTNER_FIRST_MESSAGE_SOURCE), a separate
+  right-to-object sentence (GDPR_ART21_OBJECTION_ABSOLUTE), and the advertiser's identity with a
+  visible unsubscribe link (FR_SENDER_IDENTITY, FR_OPTOUT_EVERY_MESSAGE);
+* exactly one ``List-Unsubscribe`` (HTTPS first, then mailto) and one
+  ``List-Unsubscribe-Post: List-Unsubscribe=One-Click`` (RFC2369_LIST_UNSUBSCRIBE_SYNTAX,
+  RFC8058_ONE_CLICK_HEADERS), plus ``Message-ID``, ``Date`` and ``MIME-Version`` when missing.
+
+Footers are Jinja2 templates ``footer.<locale>.txt.j2`` and ``footer.<locale>.html.j2``; a
+user's template folders take precedence over the shipped ones. See ``templates/`` for the
+variables they receive (:meth:`FooterRenderer.template_context`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
+from pathlib import Path
+from typing import Final, Literal
+from urllib.parse import urlsplit
+
+from jinja2 import (
+    ChoiceLoader,
+    FileSystemLoader,
+    StrictUndefined,
+    Template,
+    TemplateError,
+    TemplateNotFound,
+    select_autoescape,
+)
+from jinja2.sandbox import SandboxedEnvironment
+from markupsafe import escape
+
+from .errors import ConfigError, InvalidMessageError
+from .mime import CommaFoldedHeader, add_footer, check_headers_safe, footable_parts, parse_message
+
+__all__ = [
+    "HTML_FOOTER_CLASS",
+    "HTML_OBJECTION_CLASS",
+    "HTML_OPTOUT_CLASS",
+    "HTML_ORIGIN_CLASS",
+    "LIST_UNSUBSCRIBE_POST",
+    "TEXT_FOOTER_SEPARATOR",
+    "FooterContext",
+    "FooterRenderer",
+    "RenderedFooters",
+    "apply_compliance",
+    "build_list_unsubscribe",
+    "check_headers_safe",
+    "format_date",
+]
+
+#: First line of every text footer (the usenet signature separator, "dash dash space").
+TEXT_FOOTER_SEPARATOR: Final = "-- "
+#: CSS class of the ``<div>`` wrapping every HTML footer.
+HTML_FOOTER_CLASS: Final = "prospect-mailer-footer"
+#: CSS class of the origin-of-data block (GDPR art. 14(2)(f)).
+HTML_ORIGIN_CLASS: Final = "pm-origin"
+#: CSS class of the right-to-object sentence (GDPR art. 21(4)).
+HTML_OBJECTION_CLASS: Final = "pm-objection"
+#: CSS class of the identity and opt-out block (CPCE L.34-5).
+HTML_OPTOUT_CLASS: Final = "pm-optout"
+#: The only value RFC 8058 section 3.1 allows in ``List-Unsubscribe-Post``.
+LIST_UNSUBSCRIBE_POST: Final = "List-Unsubscribe=One-Click"
+
+_SOURCE_TYPES = frozenset({"direct", "partner", "broker", "public"})
+_URI_FORBIDDEN = re.compile(r"[\x00-\x20\x7f<>,\"]")
+_DOMAIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
+_MONTHS: Final = {
+    "fr": ("janvier", "février", "mars", "avril", "mai", "juin", "juillet", "août",
+           "septembre", "octobre", "novembre", "décembre"),
+    "en": ("January", "February", "March", "April", "May", "June", "July", "August",
+           "September", "October", "November", "December"),
+}  # fmt: skip
+_STRING_CACHE_SIZE = 128
+
+
+@dataclass(frozen=True, slots=True)
+class FooterContext:
+    """Everything a footer shows for one recipient of one campaign.
+
+    Attributes:
+        locale: ``"fr"`` or ``"en"``; picks ``footer.<locale>.*.j2``.
+        advertiser_legal_name: the person the mail is sent for (FR_SENDER_IDENTITY).
+        advertiser_postal_address: its postal address; line breaks are shown as ``", "``.
+        advertiser_contact: an e-mail address, phone or web page to exercise rights.
+        unsubscribe_url: the ``https://`` one-click URL, always shown as a visible link.
+        unsubscribe_mailto: a ``mailto:`` unsubscribe URI, or ``None``.
+        source_name: who collected the data, or ``None`` (general wording, GDPR recital 61).
+        source_type: ``direct``, ``partner``, ``broker``, ``public`` or ``None``.
+        collection_method: how the data was collected (``"trade-show badge scan"``), or ``None``.
+        collected_at: when it was collected, or ``None``.
+        first_contact: first message from this advertiser to this person (adds the art. 14
+            notice sentence).
+        campaign_id: the campaign, available to custom templates.
+        recipient_name: the recipient's name, available to custom templates.
+
+    Raises:
+        ConfigError: the advertiser's legal name, postal address or contact is empty.
+        InvalidMessageError: bad locale, source type or unsubscribe URI (see
+            :func:`build_list_unsubscribe`).
+    """
+
+    locale: Literal["fr", "en"]
+    advertiser_legal_name: str
+    advertiser_postal_address: str
+    advertiser_contact: str
+    unsubscribe_url: str
+    unsubscribe_mailto: str | None
+    source_name: str | None
+    source_type: str | None
+    collection_method: str | None
+    collected_at: date | None
+    first_contact: bool
+    campaign_id: str
+    recipient_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.locale not in _MONTHS:
+            raise InvalidMessageError(f"unsupported footer locale {self.locale!r}")
+        for field in ("advertiser_legal_name", "advertiser_postal_address", "advertiser_contact"):
+            if not _oneline(getattr(self, field)):
+                raise ConfigError(
+                    f"{field} is empty: the footer must name the advertiser "
+                    "and how to reach it (FR_SENDER_IDENTITY)"
+                )
+        if self.source_type is not None and self.source_type not in _SOURCE_TYPES:
+            raise InvalidMessageError(
+                f"source_type must be one of {sorted(_SOURCE_TYPES)}, not {self.source_type!r}"
+            )
+        build_list_unsubscribe(self.unsubscribe_url, self.unsubscribe_mailto)
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedFooters:
+    """The two footers for one message.
+
+    Attributes:
+        text: the plain-text footer; starts with the line ``"-- "``.
+        html: the HTML footer, a ``<div class="prospect-mailer-footer">``.
+        template_hash: SHA-256 hex over the two template sources used (for the audit log).
+    """
+
+    text: str
+    html: str
+    template_hash: str
+
+
+def format_date(value: date, locale: str = "fr") -> str:
+    """Format a date for a footer: ``1er mars 2024`` (fr) or ``1 March 2024`` (en)."""
+    months = _MONTHS.get(locale, _MONTHS["en"])
+    day = "1er" if locale == "fr" and value.day == 1 else str(value.day)
+    return f"{day} {months[value.month - 1]} {value.year}"
+
+
+def _oneline(value: str | None, *, sep: str = " ") -> str:
+    """Collapse line breaks (to ``sep``) and runs of white space: user data stays on its line."""
+    if value is None:
+        return ""
+    lines = [" ".join(line.split()) for line in value.splitlines()]
+    return sep.join(line for line in lines if line)
+
+
+class FooterRenderer:
+    """Renders footers (and campaign bodies) with one Jinja2 environment.
+
+    Templates are looked up in ``template_dirs`` first (in order), then in the shipped
+    ``templates`` folder: ``<package>/templates`` in an installed wheel, ``<repo>/templates`` in
+    a source checkout. HTML templates (``*.html.j2``) are autoescaped, text templates are not;
+    an undefined variable is an error. The environment is sandboxed (campaign templates may come
+    from data files) and does not auto-reload, so a template hash stays true for the renderer's
+    lifetime.
+
+    Attributes:
+        env: the Jinja2 environment.
+
+    Raises:
+        ConfigError: a template folder does not exist.
+    """
+
+    def __init__(self, template_dirs: Sequence[str | Path] = ()) -> None:
+        user_dirs = [Path(d) for d in template_dirs]
+        for folder in user_dirs:
+            if not folder.is_dir():
+                raise ConfigError(f"template folder {str(folder)!r} does not exist")
+        here = Path(__file__).resolve().parent
+        defaults = [d for d in (here / "templates", here.parent / "templates") if d.is_dir()]
+        self.env = SandboxedEnvironment(
+            loader=ChoiceLoader([FileSystemLoader(user_dirs), FileSystemLoader(defaults)]),
+            autoescape=select_autoescape(
+                enabled_extensions=("html.j2", "htm.j2", "html", "htm"),
+                disabled_extensions=(),
+                default_for_string=False,
+                default=False,
+            ),
+            undefined=StrictUndefined,
+            keep_trailing_newline=True,
+            auto_reload=False,
+        )
+        self.env.filters["format_date"] = format_date
+        self._envs = {
+            True: self.env.overlay(autoescape=True),
+            False: self.env.overlay(autoescape=False),
+        }
+        self._compiled: dict[tuple[bool, str], Template] = {}
+        self._hashes: dict[tuple[str, str], str] = {}
+
+    @staticmethod
+    def template_context(ctx: FooterContext) -> dict[str, object]:
+        """The variables a footer template receives.
+
+        Every :class:`FooterContext` field (strings with line breaks collapsed), plus
+        ``collected_on`` (the date formatted for the locale, or ``None``) and
+        ``unsubscribe_address`` (the address of ``unsubscribe_mailto``, or ``None``).
+        """
+        values: dict[str, object] = {}
+        for field in dataclasses.fields(ctx):
+            value = getattr(ctx, field.name)
+            values[field.name] = (_oneline(value) or None) if isinstance(value, str) else value
+        values["advertiser_postal_address"] = _oneline(ctx.advertiser_postal_address, sep=", ")
+        values["collected_on"] = (
+            format_date(ctx.collected_at, ctx.locale) if ctx.collected_at is not None else None
+        )
+        mailto = ctx.unsubscribe_mailto
+        values["unsubscribe_address"] = mailto[7:].split("?", 1)[0] if mailto else None
+        return values
+
+    def render(self, ctx: FooterContext) -> RenderedFooters:
+        """Render the text and HTML footers for ``ctx``.
+
+        Raises:
+            ConfigError: a footer template is missing or broken, or leaves out what the rules
+                require (separator, unsubscribe URL, legal name, HTML block classes).
+        """
+        names = (f"footer.{ctx.locale}.txt.j2", f"footer.{ctx.locale}.html.j2")
+        values = self.template_context(ctx)
+        try:
+            text, html = (self.env.get_template(n).render(values) for n in names)
+        except TemplateNotFound as exc:
+            raise ConfigError(f"footer template {exc.name!r} not found") from exc
+        except TemplateError as exc:
+            raise ConfigError(f"footer template failed to render: {exc}") from exc
+        _verify_footers(text, html, ctx, names)
+        return RenderedFooters(text=text, html=html, template_hash=self._hash(names))
+
+    def render_string(self, source: str, context: Mapping[str, object], *, html: bool) -> str:
+        """Render a campaign body template given as source.
+
+        Autoescaped only when ``html`` is true; undefined variables raise. Compiled templates
+        are cached by source, so rendering one campaign for many recipients compiles once.
+
+        Raises:
+            ConfigError: the template has a syntax error or fails to render.
+        """
+        key = (html, source)
+        template = self._compiled.get(key)
+        try:
+            if template is None:
+                if len(self._compiled) >= _STRING_CACHE_SIZE:
+                    self._compiled.clear()
+                template = self._compiled[key] = self._envs[html].from_string(source)
+            return template.render(context)
+        except TemplateError as exc:
+            kind = "HTML" if html else "text"
+            raise ConfigError(f"{kind} body template failed: {exc}") from exc
+
+    def _hash(self, names: tuple[str, str]) -> str:
+        cached = self._hashes.get(names)
+        if cached is None:
+            digest = hashlib.sha256()
+            for name in names:
+                assert self.env.loader is not None
+                source = self.env.loader.get_source(self.env, name)[0].encode("utf-8")
+                # Length-prefixed, so two sources cannot be re-split into another pair.
+                digest.update(len(source).to_bytes(8, "big") + source)
+            cached = self._hashes[names] = digest.hexdigest()
+        return cached
+
+
+def _verify_footers(text: str, html: str, ctx: FooterContext, names: tuple[str, str]) -> None:
+    """Refuse footers (e.g. from a user's template) that drop a required element."""
+    legal = _oneline(ctx.advertiser_legal_name)
+    checks = [
+        (names[0], text.startswith(TEXT_FOOTER_SEPARATOR + "\n"), "start with a '-- ' line"),
+        (names[0], ctx.unsubscribe_url in text, "show the unsubscribe URL"),
+        (names[0], legal in text, "name the advertiser"),
+        (names[1], f'href="{escape(ctx.unsubscribe_url)}"' in html, "link the unsubscribe URL"),
+        (names[1], str(escape(legal)) in html, "name the advertiser"),
+    ]
+    checks += [
+        (names[1], f'class="{cls}"' in html, f"have an element of class {cls!r}")
+        for cls in (HTML_FOOTER_CLASS, HTML_ORIGIN_CLASS, HTML_OBJECTION_CLASS, HTML_OPTOUT_CLASS)
+    ]
+    for name, ok, what in checks:
+        if not ok:
+            raise ConfigError(
+                f"footer template {name!r} must {what} "
+                "(FR_SENDER_IDENTITY, FR_OPTOUT_EVERY_MESSAGE, GDPR_ART21_OBJECTION_ABSOLUTE)"
+            )
+
+
+def _check_uri(uri: str, what: str) -> None:
+    if not uri.isascii() or _URI_FORBIDDEN.search(uri):
+        raise InvalidMessageError(
+            f"{what} {uri!r} must be ASCII without white space, control characters, quotes, "
+            "'<', '>' or ',' (percent-encode them)"
+        )
+
+
+def build_list_unsubscribe(https_url: str, mailto: str | None) -> str:
+    """Return the ``List-Unsubscribe`` header value: ``<https://...>, <mailto:...>``.
+
+    RFC 2369 syntax, HTTPS first (clients use the left-most scheme they support), as RFC 8058
+    one-click needs.
+
+    Raises:
+        InvalidMessageError: the URL is not ``https://`` with a host, the mailto does not start
+            with ``mailto:`` or has no address, or either holds white space, ``<``, ``>``, ``,``,
+            quotes, control or non-ASCII characters.
+    """
+    _check_uri(https_url, "unsubscribe URL")
+    if not https_url.lower().startswith("https://") or not urlsplit(https_url).hostname:
+        raise InvalidMessageError(
+            f"unsubscribe URL {https_url!r} must be https:// with a host (RFC 8058 one-click)"
+        )
+    if mailto is None:
+        return f"<{https_url}>"
+    _check_uri(mailto, "unsubscribe mailto")
+    if not mailto.lower().startswith("mailto:") or "@" not in mailto.split("?", 1)[0]:
+        raise InvalidMessageError(f"unsubscribe mailto {mailto!r} must be 'mailto:addr@domain'")
+    return f"<{https_url}>, <{mailto}>"
+
+
+def apply_compliance(
+    message: EmailMessage | bytes,
+    footers: RenderedFooters,
+    *,
+    list_unsubscribe_url: str,
+    list_unsubscribe_mailto: str | None,
+    message_id_domain: str,
+    now: datetime,
+) -> EmailMessage:
+    """Return a copy of ``message`` with the footers and compliance headers added.
+
+    The caller's object is never changed. Footers go into every ``text/plain`` and
+    ``text/html`` part that is not an attachment (see :func:`prospect_mailer.mime.add_footer`
+    for charsets and transfer encodings); attachments and other parts come out byte-identical.
+    Any ``List-Unsubscribe``/``List-Unsubscribe-Post`` the caller set is replaced by exactly one
+    of each; ``Message-ID`` (``@message_id_domain``), ``Date`` (``now``; naive means UTC) and
+    ``MIME-Version`` are added only when missing.
+
+    Raises:
+        InvalidMessageError: a header decodes to CR/LF/NUL, the message has no text part to
+            foot, is signed or encrypted, already holds several ``List-Unsubscribe`` fields, or
+            an argument is invalid (URI, domain).
+    """
+    unsubscribe = build_list_unsubscribe(list_unsubscribe_url, list_unsubscribe_mailto)
+    if not _DOMAIN.match(message_id_domain) or ".." in message_id_domain:
+        raise InvalidMessageError(f"invalid message_id_domain {message_id_domain!r}")
+    msg = parse_message(message)
+    for name in ("List-Unsubscribe", "List-Unsubscribe-Post"):
+        if sum(1 for key in msg if key.lower() == name.lower()) > 1:
+            raise InvalidMessageError(f"the message already has several {name} fields")
+    for part in footable_parts(msg):
+        html = part.get_content_subtype() == "html"
+        add_footer(part, footers.html if html else footers.text)
+    del msg["List-Unsubscribe"]
+    del msg["List-Unsubscribe-Post"]
+    # Stored as header objects so no policy (not even aiosmtplib's policy.SMTP) can refold them.
+    msg.set_raw("List-Unsubscribe", CommaFoldedHeader("List-Unsubscribe", unsubscribe))
+    msg.set_raw(
+        "List-Unsubscribe-Post", CommaFoldedHeader("List-Unsubscribe-Post", LIST_UNSUBSCRIBE_POST)
+    )
+    if "Message-ID" not in msg:
+        msg["Message-ID"] = make_msgid(domain=message_id_domain)
+    if "Date" not in msg:
+        msg["Date"] = format_datetime(now if now.tzinfo else now.replace(tzinfo=UTC))
+    if "MIME-Version" not in msg:
+        msg["MIME-Version"] = "1.0"
+    return msg

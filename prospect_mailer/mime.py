@@ -1,0 +1,296 @@
+"""MIME plumbing for :mod:`prospect_mailer.compliance` (pure, no I/O).
+
+Python's :mod:`email` package is convenient but has sharp edges for a tool that must rewrite
+other people's messages without breaking them. This module keeps the work-arounds in one place:
+
+* :data:`OUTPUT_POLICY` never refolds a header it parsed (``refold_source="none"``), so parts we
+  do not touch come out byte-identical, and an RFC 2047 encoded-word hiding a CR/LF is never
+  re-serialised in decoded form (CVE-2024-6923 on Python < 3.11.10 / 3.12.5).
+* :func:`check_headers_safe` refuses such headers explicitly, whatever the Python version.
+* :class:`CommaFoldedHeader` is a header value every :class:`~email.policy.EmailPolicy` emits as
+  built: ``policy.default`` would turn a long ``List-Unsubscribe`` into encoded-words, which no
+  mail client can use.
+* :func:`add_footer` appends to a text part keeping its charset and transfer encoding.
+"""
+
+from __future__ import annotations
+
+import codecs
+import copy
+import re
+from collections.abc import Iterator
+from email import base64mime, quoprimime
+from email.headerregistry import HeaderRegistry
+from email.message import EmailMessage, Message
+from email.parser import BytesParser
+from email.policy import EmailPolicy, Policy
+from email.policy import default as _default_policy
+
+from .errors import InvalidMessageError
+
+__all__ = [
+    "OUTPUT_POLICY",
+    "CommaFoldedHeader",
+    "add_footer",
+    "check_headers_safe",
+    "footable_parts",
+    "parse_message",
+]
+
+#: Policy of every message we return: ``policy.default`` except that parsed headers are written
+#: back exactly as they came (no refolding).
+OUTPUT_POLICY: EmailPolicy[EmailMessage] = _default_policy.clone(refold_source="none")
+
+# RFC 5322 section 2.1.1: a line MUST NOT exceed 998 octets (78 is only a SHOULD).
+_MAX_LINE = 998
+_BAD_CHARS = ("\r", "\n", "\x00")
+# An RFC 2047 encoded-word, wherever it appears (the parser only decodes some positions, a
+# mail client may decode others).
+_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([qQbB])\?([^?\s]*)\?=")
+# A line break inside a raw header value is only legal as folding (followed by WSP).
+_BARE_BREAK = re.compile(r"\r\n(?![ \t])|\r(?![\n])|(?<!\r)\n(?![ \t])")
+_HEADERS = HeaderRegistry()
+# Signing and encryption cover the bytes of the protected part: a footer would break them.
+_SEALED = frozenset({"multipart/signed", "multipart/encrypted"})
+_KNOWN_CTE = frozenset({"7bit", "8bit", "binary", "quoted-printable", "base64"})
+_BODY_END = re.compile(r"</body\s*>", re.IGNORECASE)
+_HTML_END = re.compile(r"</html\s*>", re.IGNORECASE)
+
+
+class CommaFoldedHeader(str):
+    """A header value that every email policy writes exactly as built.
+
+    The :mod:`email` policies call ``fold(policy=...)`` on any stored value that has a ``name``
+    attribute (the header-object protocol), so this value is folded by our rule even when a
+    transport flattens the message with ``policy.SMTP``: lines are broken only after a comma
+    (``", "``), only when the field would not fit in one 998-octet line, and never inside a
+    URI. One unfolded line is what naive List-Unsubscribe parsers handle best; RFC 5322 only
+    *recommends* 78 characters.
+
+    Raises:
+        InvalidMessageError: the value holds CR/LF/NUL or non-ASCII, or one comma-separated item
+            cannot fit in a 998-octet line.
+    """
+
+    name: str
+    defects: tuple[()] = ()
+
+    def __new__(cls, name: str, value: str) -> CommaFoldedHeader:
+        """Build the value ``value`` for header ``name``."""
+        if any(c in value for c in _BAD_CHARS) or not value.isascii():
+            raise InvalidMessageError(f"{name} value must be one line of ASCII: {value!r}")
+        self = super().__new__(cls, value)
+        self.name = name
+        if any(len(line) > _MAX_LINE for line in self._lines()):
+            raise InvalidMessageError(f"{name} value has an item longer than {_MAX_LINE} octets")
+        return self
+
+    def __reduce__(self) -> tuple[type[CommaFoldedHeader], tuple[str, str]]:
+        # copy/deepcopy/pickle: rebuild through __new__ (str's default would drop `name`).
+        return (CommaFoldedHeader, (self.name, str(self)))
+
+    def _lines(self) -> list[str]:
+        items = str(self).split(", ")
+        lines = [f"{self.name}: {items[0]}"]
+        for item in items[1:]:
+            if len(lines[-1]) + 2 + len(item) <= _MAX_LINE:
+                lines[-1] += ", " + item
+            else:
+                lines[-1] += ","
+                lines.append(" " + item)
+        return lines
+
+    def fold(self, *, policy: Policy) -> str:
+        """Return the header line(s) ending with ``policy.linesep`` (header-object protocol)."""
+        return policy.linesep.join(self._lines()) + policy.linesep
+
+
+def check_headers_safe(msg: Message) -> None:
+    """Refuse a message whose headers could turn into extra header lines when re-serialised.
+
+    Every header of every part (attached messages included) is checked three ways: the raw
+    value may only break lines as folding and may not hold NUL; its value as the email package
+    decodes it (RFC 2047 encoded-words, RFC 2231 parameters) may not hold CR, LF or NUL; and each
+    encoded-word found anywhere in it may not decode to CR, LF or NUL.
+
+    Raises:
+        InvalidMessageError: naming the first offending header.
+    """
+    for part in msg.walk():
+        for name, stored in part.raw_items():
+            raw = stored if isinstance(stored, str) else str(stored)
+            if "\x00" in raw or _BARE_BREAK.search(raw):
+                raise InvalidMessageError(f"header {name!r} contains a raw line break or NUL")
+            try:
+                decoded = str(_HEADERS(name, "".join(raw.splitlines())))
+            except Exception as exc:
+                # The stdlib parser raises assorted types on hostile input (3.11.7 raises
+                # ValueError for an address whose decoded display name holds CR/LF): refuse.
+                raise InvalidMessageError(
+                    f"header {name!r} cannot be decoded safely: {exc}"
+                ) from exc
+            if any(c in decoded for c in _BAD_CHARS) or _encoded_word_unsafe(raw):
+                raise InvalidMessageError(
+                    f"header {name!r} decodes to a CR, LF or NUL (header injection, "
+                    "CVE-2024-6923); refusing the message"
+                )
+
+
+def _encoded_word_unsafe(raw: str) -> bool:
+    for charset, enc, text in _ENCODED_WORD.findall(raw):
+        try:
+            data = (
+                base64mime.decode(text)
+                if enc in "bB"
+                else quoprimime.header_decode(text).encode("latin-1", "replace")
+            )
+            decoded = data.decode(charset.split("*", 1)[0], "replace")
+        except (LookupError, ValueError):
+            decoded = ""  # an undecodable charset cannot yield a line break for a client either
+        if any(c in decoded for c in _BAD_CHARS):
+            return True
+    return False
+
+
+def parse_message(message: Message | bytes) -> EmailMessage:
+    """Return a private :class:`EmailMessage` copy of ``message`` using :data:`OUTPUT_POLICY`.
+
+    A message object is checked (:func:`check_headers_safe`) *before* it is serialised, then
+    deep-copied (the generator sets missing boundaries on what it flattens), serialised without
+    refolding and parsed again, so the caller's object is never changed and every part is
+    backed by bytes we can reproduce.
+
+    Raises:
+        InvalidMessageError: unsafe headers, or an object that is not a message.
+    """
+    if isinstance(message, bytes | bytearray):
+        data = bytes(message)
+    elif isinstance(message, Message):
+        check_headers_safe(message)
+        pol = message.policy
+        if isinstance(pol, EmailPolicy):
+            pol = pol.clone(refold_source="none")
+        data = copy.deepcopy(message).as_bytes(policy=pol)
+    else:
+        raise InvalidMessageError(f"expected an EmailMessage or bytes, not {type(message)!r}")
+    parsed = BytesParser(policy=OUTPUT_POLICY).parsebytes(data)
+    assert isinstance(parsed, EmailMessage)  # guaranteed by policy.message_factory
+    check_headers_safe(parsed)
+    return parsed
+
+
+def footable_parts(msg: EmailMessage) -> list[EmailMessage]:
+    """List the ``text/plain`` and ``text/html`` parts that must carry the footers.
+
+    Descends ``multipart/*`` only: an attached ``message/rfc822`` is someone else's message and
+    stays untouched, as does any part with ``Content-Disposition: attachment``.
+
+    Raises:
+        InvalidMessageError: the message is signed or encrypted, a multipart part is malformed,
+            or no part can carry a footer.
+    """
+    parts = list(_walk_footable(msg))
+    if not parts:
+        raise InvalidMessageError(
+            "the message has no text/plain or text/html body part to carry the footers"
+        )
+    return parts
+
+
+def _walk_footable(part: EmailMessage) -> Iterator[EmailMessage]:
+    ctype = part.get_content_type()
+    if ctype in _SEALED:
+        raise InvalidMessageError(
+            f"cannot add footers inside {ctype}: sign or encrypt after compliance is applied"
+        )
+    if part.get_content_maintype() == "multipart":
+        children = part.get_payload()
+        if not isinstance(children, list):
+            raise InvalidMessageError(f"malformed {ctype} part (boundary missing or not found)")
+        for child in children:
+            assert isinstance(child, EmailMessage)  # parsed with OUTPUT_POLICY
+            yield from _walk_footable(child)
+    elif ctype in ("text/plain", "text/html") and part.get_content_disposition() != "attachment":
+        yield part
+
+
+def add_footer(part: EmailMessage, footer: str) -> None:
+    """Add ``footer`` to a text part in place, keeping its charset and transfer encoding.
+
+    ``text/plain``: appended after the body, on a new line. ``text/html``: inserted before the
+    last ``</body>`` (any case), else before the last ``</html>``, else at the end; characters
+    the part's charset cannot hold become numeric character references, so the charset (which
+    may also be declared in a ``<meta>`` tag) never changes. A ``text/plain`` part whose charset
+    cannot hold the footer is re-encoded as UTF-8 (base64 stays base64, anything else becomes
+    quoted-printable). 7bit becomes quoted-printable only if the result is not 7-bit clean.
+
+    Raises:
+        InvalidMessageError: unknown charset or transfer encoding, or a body that is not valid
+            in its charset when it has to be re-encoded.
+    """
+    cte = str(part.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+    if cte not in _KNOWN_CTE:
+        raise InvalidMessageError(f"unsupported Content-Transfer-Encoding {cte!r} in a text part")
+    charset = part.get_content_charset("us-ascii")
+    try:
+        codec = codecs.lookup(charset).name
+    except LookupError:
+        raise InvalidMessageError(f"unknown charset {charset!r} in a text part") from None
+    raw = part.get_payload(decode=True)
+    assert isinstance(raw, bytes)  # a non-multipart part always decodes to bytes
+    try:
+        body = raw.decode(codec, "surrogateescape")
+    except UnicodeDecodeError as exc:
+        raise InvalidMessageError(f"text part is not valid {charset}: {exc}") from exc
+    newline = "\r\n" if "\r\n" in body else "\n"
+    footer = footer.replace("\r\n", "\n").replace("\n", newline)
+    if part.get_content_subtype() == "html":
+        footer = footer.encode(codec, "xmlcharrefreplace").decode(codec)
+        body = _insert_html(body, footer)
+    else:
+        if body and not body.endswith(("\n", "\r")):
+            body += newline
+        body = body + newline + footer if body else footer
+        try:
+            footer.encode(codec)
+        except UnicodeEncodeError:
+            if any("\udc80" <= c <= "\udcff" for c in body):
+                raise InvalidMessageError(
+                    f"text part is not valid {charset} and the footer needs UTF-8"
+                ) from None
+            codec = "utf-8"
+            part.set_param("charset", "utf-8")
+            if cte != "base64":
+                cte = "quoted-printable"
+    _set_body(part, body.encode(codec, "surrogateescape"), cte)
+
+
+def _insert_html(body: str, footer: str) -> str:
+    for pattern in (_BODY_END, _HTML_END):
+        matches = list(pattern.finditer(body))
+        if matches:
+            at = matches[-1].start()
+            return body[:at] + footer + body[at:]
+    return body + footer
+
+
+def _set_body(part: EmailMessage, data: bytes, cte: str) -> None:
+    """Store ``data`` in ``part`` encoded with ``cte`` (or quoted-printable when it must)."""
+    if cte in ("7bit", "8bit"):
+        too_long = any(len(line) > _MAX_LINE for line in re.split(rb"\r\n|\r|\n", data))
+        if too_long or (cte == "7bit" and not data.isascii()):
+            cte = "quoted-printable"
+    if cte == "base64":
+        payload = base64mime.body_encode(data, maxlinelen=76, eol="\n")
+    elif cte == "quoted-printable":
+        # latin-1 maps each byte to one code point, which body_encode writes back as =XX.
+        payload = quoprimime.body_encode(data.decode("latin-1"), maxlinelen=76, eol="\n")
+    else:
+        # 7bit/8bit/binary: surrogate escapes make BytesGenerator write the exact bytes.
+        payload = data.decode("ascii", "surrogateescape")
+    part.set_payload(payload)
+    if "Content-Transfer-Encoding" in part:
+        if str(part["Content-Transfer-Encoding"]).strip().lower() != cte:
+            part.replace_header("Content-Transfer-Encoding", cte)
+    elif cte != "7bit":
+        part["Content-Transfer-Encoding"] = cte

@@ -1,0 +1,590 @@
+"""Transports: hand a finished MIME message to an SMTP server, an outbox folder or memory.
+
+A transport only delivers; every rule (suppression, footers, headers) was applied before it is
+called. Each one returns a :class:`Delivery` when the message was accepted and raises
+:class:`~prospect_mailer.errors.TransportTemporaryError` (retry later) or
+:class:`~prospect_mailer.errors.TransportPermanentError` (do not retry as is) otherwise. Errors from
+aiosmtplib and the OS are translated here, at the edge, so callers catch only our types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import email.errors
+import email.policy
+import os
+import re
+import ssl
+import tempfile
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import Any, NamedTuple, Protocol, TypedDict, Unpack
+from urllib.parse import unquote, urlsplit
+
+import aiosmtplib
+
+from prospect_mailer.errors import (
+    ConfigError,
+    TransportError,
+    TransportPermanentError,
+    TransportTemporaryError,
+)
+
+__all__ = [
+    "Delivery",
+    "MemoryTransport",
+    "OutboxTransport",
+    "SMTPTransport",
+    "SentMessage",
+    "Transport",
+    "transport_from_settings",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What a transport returns when it accepted a message.
+
+    Attributes:
+        code: the SMTP reply code to DATA (250), or 250 for the outbox and memory transports.
+        reply: the server's reply text, or ``"written to <path>"`` for the outbox.
+        transport: ``"smtp"``, ``"outbox"`` or ``"memory"``.
+        refused: recipients the server refused while accepting others, as
+            ``{address: (code, reply)}``; empty when every recipient was accepted.
+    """
+
+    code: int
+    reply: str
+    transport: str
+    refused: Mapping[str, tuple[int, str]] = field(default_factory=lambda: MappingProxyType({}))
+
+
+class Transport(Protocol):
+    """What the pipeline needs from a transport. Implement it to plug in your own."""
+
+    name: str
+
+    async def send(
+        self, message: EmailMessage, *, sender: str, recipients: Sequence[str]
+    ) -> Delivery:
+        """Deliver ``message`` to ``recipients`` with envelope sender ``sender``.
+
+        Raises:
+            TransportTemporaryError: a failure worth retrying later.
+            TransportPermanentError: a refusal that a retry as is will not change.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release connections and files. The transport may be used again afterwards."""
+        ...
+
+
+# SMTP commands are lines: a CR or LF in an address would end the command early and let the
+# rest be read as a new command (SMTP injection); NUL is cut short by some servers.
+_UNSAFE_ADDRESS = re.compile(r"[\r\n\x00]")
+
+
+def _check_envelope(sender: str, recipients: Sequence[str]) -> list[str]:
+    if isinstance(recipients, str):  # a bare string would be read as one address per letter
+        recipients = [recipients]
+    if not recipients:
+        raise TransportPermanentError("refused before sending: no recipients")
+    for address in (sender, *recipients):
+        if _UNSAFE_ADDRESS.search(address):
+            raise TransportPermanentError(
+                f"refused before sending: address {address!r} contains CR, LF or NUL"
+            )
+    return list(recipients)
+
+
+def _by_code(code: int) -> type[TransportError]:
+    return TransportPermanentError if 500 <= code <= 599 else TransportTemporaryError
+
+
+class _Connection(aiosmtplib.SMTP):
+    """An aiosmtplib client that knows when it was last used and whether DATA was started.
+
+    ``data_started`` is what makes a retry safe: until DATA is sent the server cannot have
+    accepted the message, so resending it on a fresh connection cannot duplicate it.
+    """
+
+    def __init__(self, *, generation: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.generation = generation
+        self.last_used = 0.0
+        self.data_started = False
+
+    async def data(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
+        self.data_started = True
+        return await super().data(*args, **kwargs)
+
+
+class _SMTPOptions(TypedDict, total=False):
+    tls_context: ssl.SSLContext | None
+    timeout: float
+    pool_size: int
+    max_idle: float
+    local_hostname: str | None
+
+
+def wire_bytes(message: EmailMessage) -> bytes:
+    """Serialise ``message`` as sent on the wire (CRLF), with the message's own policy.
+
+    ``email.policy.SMTP`` (what aiosmtplib's ``send_message`` uses) re-wraps every header longer
+    than 78 characters, so attachment headers would not come out byte-identical; the compliance
+    step's policy never refolds a header it parsed.
+    """
+    if "Bcc" in message or "Resent-Bcc" in message:
+        # Blind copies travel in the envelope only; never in the header (RFC 5322 3.6.3).
+        message = copy.deepcopy(message)
+        del message["Bcc"]
+        del message["Resent-Bcc"]
+    return message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
+
+
+def _mail_options(
+    conn: aiosmtplib.SMTP, sender: str, rcpts: Sequence[str], data: bytes
+) -> list[str]:
+    options = []
+    if not all(a.isascii() for a in (sender, *rcpts)):
+        options.append("SMTPUTF8")  # RFC 6531: non-ASCII local parts need it
+    if not data.isascii() and conn.supports_extension("8bitmime"):
+        options.append("BODY=8BITMIME")
+    return options
+
+
+class SMTPTransport:
+    """Send through an SMTP server, reusing a small pool of connections.
+
+    Up to ``pool_size`` messages are sent at once, each on its own connection; a connection is
+    reused for the next message, so a batch costs one handshake (TLS, AUTH) per connection, not
+    per message. A connection the server closed while idle is noticed and replaced without sending
+    anything twice. After any error the connection is dropped, never reused.
+
+    Args:
+        host: server name or IP address.
+        port: server port.
+        username: login name; AUTH is done on connect when given.
+        password: login password. It never appears in ``repr()`` or error messages.
+        use_tls: connect with TLS from the start (SMTPS, usually port 465).
+        start_tls: ``True`` requires STARTTLS, ``False`` never upgrades, ``None`` upgrades when
+            the server offers it. With credentials, prefer ``use_tls`` or ``start_tls=True`` so
+            that a server that stops offering STARTTLS does not receive them in clear.
+        tls_context: the context used to verify the server (default: system trust store).
+        timeout: seconds allowed for connecting and for each SMTP command.
+        pool_size: the most connections open at once.
+        max_idle: a pooled connection idle longer than this is checked with NOOP before reuse.
+        local_hostname: the name sent in EHLO (default: this machine's FQDN).
+
+    Raises:
+        ConfigError: ``use_tls`` and ``start_tls=True`` together, or a bad ``pool_size``.
+    """
+
+    name: str = "smtp"
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        use_tls: bool = False,
+        start_tls: bool | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        timeout: float = 30,
+        pool_size: int = 4,
+        max_idle: float = 30,
+        local_hostname: str | None = None,
+    ) -> None:
+        if use_tls and start_tls:
+            raise ConfigError("SMTP: use_tls (implicit TLS) and start_tls=True exclude each other")
+        if pool_size < 1:
+            raise ConfigError(f"SMTP: pool_size must be at least 1, not {pool_size}")
+        self.host = host
+        self.port = port
+        self.username = username
+        self._password = password
+        self.use_tls = use_tls
+        self.start_tls = False if use_tls else start_tls
+        self.tls_context = tls_context
+        self.timeout = timeout
+        self.pool_size = pool_size
+        self.max_idle = max_idle
+        self.local_hostname = local_hostname
+        self._slots = asyncio.Semaphore(pool_size)
+        self._idle: list[_Connection] = []  # LIFO: the most recently used is the likeliest alive
+        self._generation = 0  # bumped by close(); older connections are not pooled again
+
+    @classmethod
+    def from_url(cls, url: str, **options: Unpack[_SMTPOptions]) -> SMTPTransport:
+        """Build a transport from ``smtp://``, ``smtps://`` or ``smtp+starttls://`` URLs.
+
+        ``smtp://user:pass@host:port`` (default port 25, STARTTLS if offered),
+        ``smtps://...`` (implicit TLS, default port 465), ``smtp+starttls://...`` (STARTTLS
+        required, default port 587). Credentials are percent-decoded, so encode ``@ : / # ?``.
+        ``options`` are the constructor's: tls_context, timeout, pool_size, max_idle,
+        local_hostname.
+
+        Raises:
+            ConfigError: naming the part of the URL at fault (never echoing the password).
+        """
+        try:
+            parts = urlsplit(url.strip())
+        except ValueError as exc:  # e.g. an unbalanced "[" in an IPv6 host
+            raise ConfigError(f"SMTP URL: the host part is malformed ({exc})") from None
+        schemes = {"smtp": (False, None, 25), "smtps": (True, False, 465)}
+        schemes["smtp+starttls"] = (False, True, 587)
+        scheme = parts.scheme.lower()
+        if scheme not in schemes:
+            raise ConfigError(
+                f"SMTP URL: scheme {scheme!r} is not supported; "
+                "use smtp://, smtps:// or smtp+starttls://"
+            )
+        use_tls, start_tls, default_port = schemes[scheme]
+        try:
+            port = parts.port
+        except ValueError:  # its message may quote a mangled netloc, which can hold the password
+            raise ConfigError(
+                "SMTP URL: the port is not a number from 1 to 65535 "
+                "(percent-encode '/', '#', '?' and '@' in the user name and password)"
+            ) from None
+        if port == 0:
+            raise ConfigError("SMTP URL: the port is not a number from 1 to 65535")
+        if not parts.hostname:
+            raise ConfigError("SMTP URL: the host is missing")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError("SMTP URL: a path, query or fragment is not allowed")
+        username = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password is not None else None
+        if password is not None and username is None:
+            raise ConfigError("SMTP URL: a password is given without a user name")
+        return cls(
+            parts.hostname,
+            port or default_port,
+            username=username,
+            password=password,
+            use_tls=use_tls,
+            start_tls=start_tls,
+            **options,
+        )
+
+    def __repr__(self) -> str:
+        if self.use_tls:
+            tls = "implicit"
+        else:
+            tls = {True: "starttls", False: "none", None: "starttls-if-offered"}[self.start_tls]
+        return (
+            f"SMTPTransport(host={self.host!r}, port={self.port}, tls={tls!r}, "
+            f"username={self.username!r}, pool_size={self.pool_size})"
+        )
+
+    async def __aenter__(self) -> SMTPTransport:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def send(
+        self, message: EmailMessage, *, sender: str, recipients: Sequence[str]
+    ) -> Delivery:
+        """Send ``message`` with the given envelope (``Bcc`` headers are not transmitted).
+
+        Returns:
+            a :class:`Delivery`; ``refused`` lists recipients refused while others were accepted.
+
+        Raises:
+            TransportTemporaryError: 4xx reply, timeout, connection refused or lost.
+            TransportPermanentError: 5xx reply, failed authentication, every recipient refused
+                with 5xx, or an address with CR/LF/NUL (refused before connecting).
+        """
+        rcpts = _check_envelope(sender, recipients)
+        async with self._slots:
+            conn: _Connection | None = None
+            try:
+                conn, reused = await self._checkout()
+                data = wire_bytes(message)
+                options = _mail_options(conn, sender, rcpts, data)
+                try:
+                    conn.data_started = False
+                    refused, reply = await conn.sendmail(sender, rcpts, data, mail_options=options)
+                except Exception as exc:
+                    if not (reused and _closed_before_data(exc, conn)):
+                        raise
+                    # The server dropped this pooled connection while it sat idle (its timeout,
+                    # a restart). Nothing was accepted, so one retry on a fresh one is safe.
+                    conn.close()
+                    conn = await self._open()
+                    options = _mail_options(conn, sender, rcpts, data)
+                    refused, reply = await conn.sendmail(sender, rcpts, data, mail_options=options)
+            except BaseException as exc:
+                if conn is not None:
+                    conn.close()  # mid-transaction state is unknown: never pool it again
+                if isinstance(exc, Exception):
+                    raise self._translate(exc) from exc
+                raise
+            self._checkin(conn)
+        return Delivery(
+            code=250,
+            reply=reply,
+            transport=self.name,
+            refused=MappingProxyType({a: (r.code, r.message) for a, r in refused.items()}),
+        )
+
+    async def close(self) -> None:
+        """QUIT and close every pooled connection; connections in use close when done."""
+        self._generation += 1
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*(self._quit(conn) for conn in idle))
+
+    async def _quit(self, conn: _Connection) -> None:
+        try:
+            if conn.is_connected:
+                await conn.quit()
+        except (aiosmtplib.SMTPException, OSError):
+            pass  # the server may be gone already; closing our side is what matters
+        finally:
+            conn.close()
+
+    async def _open(self) -> _Connection:
+        conn = _Connection(
+            generation=self._generation,
+            hostname=self.host,
+            port=self.port,
+            username=self.username,
+            password=self._password,
+            use_tls=self.use_tls,
+            start_tls=self.start_tls,
+            tls_context=self.tls_context,
+            timeout=self.timeout,
+            local_hostname=self.local_hostname,
+        )
+        await conn.connect()
+        if self.local_hostname is None:  # aiosmtplib looks the FQDN up per client: once is enough
+            self.local_hostname = conn.local_hostname
+        return conn
+
+    async def _checkout(self) -> tuple[_Connection, bool]:
+        """An idle connection believed alive (reused=True), else a new one (reused=False)."""
+        loop = asyncio.get_running_loop()
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.is_connected:  # the server closed it and we already saw the EOF
+                conn.close()
+                continue
+            if loop.time() - conn.last_used > self.max_idle:
+                try:  # servers drop idle clients (Postfix after 300 s): ask before trusting it
+                    await conn.noop()
+                except (aiosmtplib.SMTPException, OSError):
+                    conn.close()
+                    continue
+            return conn, True
+        return await self._open(), False
+
+    def _checkin(self, conn: _Connection) -> None:
+        if not conn.is_connected or conn.generation != self._generation:
+            conn.close()
+            return
+        conn.last_used = asyncio.get_running_loop().time()
+        self._idle.append(conn)
+
+    def _translate(self, exc: Exception) -> TransportError:
+        """Map one aiosmtplib/OS error to ours, in one place (as httpx maps httpcore's)."""
+        kind: type[TransportError] = TransportTemporaryError
+        code: int | None = None
+        reply = ""
+        if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+            kind, code, reply = TransportPermanentError, exc.code, exc.message
+            text = f"authentication failed for user {self.username!r}: {code} {reply}"
+        elif isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+            detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
+            # Permanent only if no refusal was temporary: a 4xx one may succeed later.
+            worst = next((r for r in exc.recipients if r.code < 500), exc.recipients[0])
+            kind, code, reply = _by_code(worst.code), worst.code, worst.message
+            text = f"every recipient was refused: {detail}"
+        elif isinstance(exc, aiosmtplib.SMTPResponseException):
+            kind, code, reply = _by_code(exc.code), exc.code, exc.message
+            text = f"{type(exc).__name__.removeprefix('SMTP')}: {code} {reply}"
+        elif isinstance(exc, TimeoutError):  # before OSError, of which it is a subclass
+            text = f"timed out ({exc}); if DATA was sent, the message may have been accepted"
+        elif isinstance(exc, aiosmtplib.SMTPNotSupported | ValueError):
+            kind, text = TransportPermanentError, f"cannot send: {exc}"
+        elif isinstance(exc, OSError):  # includes ConnectionError and ssl.SSLError
+            text = f"connection failed: {exc}"
+        elif isinstance(exc, aiosmtplib.SMTPException):  # e.g. STARTTLS or AUTH not offered
+            kind, text = TransportPermanentError, str(exc)
+        else:
+            text = f"{type(exc).__name__}: {exc}"
+        where = f"SMTP {self.host}:{self.port}"
+        return kind(self._redact(f"{where}: {text}"), code=code, reply=self._redact(reply))
+
+    def _redact(self, text: str) -> str:
+        # Belt and braces: no server or library message should echo the password, but if one
+        # ever does, it must not reach logs and audit records through our errors.
+        return text.replace(self._password, "***") if self._password else text
+
+
+def _closed_before_data(exc: Exception, conn: _Connection) -> bool:
+    """True if a reused connection turned out dead before anything could have been accepted."""
+    if conn.data_started:
+        return False
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return exc.code == 421  # "service closing": what a server says as it drops a client
+    return isinstance(exc, aiosmtplib.SMTPServerDisconnected | ConnectionError)
+
+
+class OutboxTransport:
+    """Write each message to a folder as an ``.eml`` file instead of sending it.
+
+    The default transport: nothing leaves the machine until you configure SMTP. Files are named
+    ``<UTC timestamp>-<Message-ID or uuid>.eml`` (so they sort by time), hold the message bytes
+    exactly as they would go on the wire (CRLF line endings), and appear atomically: written to a
+    hidden temporary file in the same folder, flushed to disk, then renamed. The envelope is not
+    recorded; the message is not altered.
+
+    Args:
+        directory: the folder; created on first use.
+    """
+
+    name: str = "outbox"
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        # Naming and renaming under one lock: two messages with the same Message-ID written in
+        # the same microsecond by two threads must not overwrite each other.
+        self._rename_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"OutboxTransport(directory={str(self.directory)!r})"
+
+    async def send(
+        self, message: EmailMessage, *, sender: str, recipients: Sequence[str]
+    ) -> Delivery:
+        """Write ``message`` to the outbox; ``sender`` and ``recipients`` are only checked.
+
+        Raises:
+            TransportTemporaryError: the file could not be written (permissions, disk full).
+            TransportPermanentError: an address with CR/LF/NUL, or a message that cannot be
+                serialised.
+        """
+        _check_envelope(sender, recipients)
+        try:
+            data = wire_bytes(message)
+        except (ValueError, email.errors.MessageError) as exc:
+            raise TransportPermanentError(f"outbox: cannot serialise message: {exc}") from exc
+        stem = _safe_stem(message.get("Message-ID"))
+        try:
+            path = await asyncio.to_thread(self._write, data, stem)
+        except OSError as exc:
+            raise TransportTemporaryError(
+                f"outbox: cannot write to {self.directory}: {exc.strerror or exc}"
+            ) from exc
+        return Delivery(code=250, reply=f"written to {path}", transport=self.name)
+
+    async def close(self) -> None:
+        """Nothing to release: every file is closed when ``send`` returns."""
+
+    def _write(self, data: bytes, stem: str) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # A leading dot and a non-.eml suffix keep readers that glob "*.eml" off partial files.
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
+        try:
+            with open(fd, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            with self._rename_lock:
+                stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+                target = self.directory / f"{stamp}-{stem}.eml"
+                if target.exists():
+                    target = self.directory / f"{stamp}-{stem}-{uuid.uuid4().hex}.eml"
+                os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        if os.name == "posix":  # make the rename itself durable; Windows cannot open a folder
+            dir_fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        return target
+
+
+def _safe_stem(message_id: str | None) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._@+=-]", "_", (message_id or "").strip().strip("<>"))[:100]
+    return stem.lstrip(".") or uuid.uuid4().hex
+
+
+class SentMessage(NamedTuple):
+    """One message kept by :class:`MemoryTransport`."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    message: EmailMessage
+
+
+class MemoryTransport:
+    """Keep messages in a list instead of sending them: for your own tests.
+
+    Attributes:
+        sent: every accepted message, oldest first, as :class:`SentMessage`
+            ``(sender, recipients, message)`` tuples.
+    """
+
+    name: str = "memory"
+
+    def __init__(self) -> None:
+        self.sent: list[SentMessage] = []
+        self._failures: list[TransportError] = []
+
+    def fail_next(self, count: int = 1, error: TransportError | None = None) -> None:
+        """Make the next ``count`` sends raise ``error`` (default: a temporary error)."""
+        for _ in range(count):
+            self._failures.append(
+                error or TransportTemporaryError("memory: simulated failure", code=451)
+            )
+
+    async def send(
+        self, message: EmailMessage, *, sender: str, recipients: Sequence[str]
+    ) -> Delivery:
+        """Record the message, or raise the next failure set with :meth:`fail_next`.
+
+        Raises:
+            TransportError: as configured with :meth:`fail_next`.
+            TransportPermanentError: an address with CR/LF/NUL (as the other transports do).
+        """
+        rcpts = _check_envelope(sender, recipients)
+        if self._failures:
+            raise self._failures.pop(0)
+        self.sent.append(SentMessage(sender, tuple(rcpts), message))
+        return Delivery(code=250, reply="kept in memory", transport=self.name)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+async def transport_from_settings(smtp_url: str | None, outbox_dir: str | Path) -> Transport:
+    """An :class:`SMTPTransport` for ``smtp_url`` if given, else an :class:`OutboxTransport`.
+
+    No connection is made here; the first send connects.
+
+    Raises:
+        ConfigError: ``smtp_url`` is malformed.
+    """
+    if smtp_url:
+        return SMTPTransport.from_url(smtp_url)
+    return OutboxTransport(outbox_dir)
