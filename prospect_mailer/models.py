@@ -56,11 +56,11 @@ KNOWN_PROFILES = frozenset({"FR_CNIL", "EU_GDPR", "US_CANSPAM", "CA_CASL"})
 
 
 def _check_email(value: str) -> str:
-    normalise(value)  # raises InvalidAddressError (a ValueError) naming the problem
-    return value.strip()
+    # raises InvalidAddressError (a ValueError) naming the problem
+    return normalise(value).original
 
 
-#: A string that must be a valid e-mail address; kept as given (trimmed).
+#: A valid e-mail address, kept as given (display name and brackets removed, trimmed).
 EmailStr = Annotated[str, AfterValidator(_check_email)]
 
 

@@ -1,0 +1,658 @@
+"""The pipeline and :class:`ProspectMailer`, the library's entry point.
+
+For each recipient (DESIGN.md "The pipeline"): normalise the address, gather the facts from the
+store (one suppression query and one prior-contact query per chunk of recipients), decide with
+the pure policy, then either record the block, or compose, apply the compliance step (which the
+caller cannot skip), claim the send durably, hand it to the transport and record the result.
+
+Fail closed: if the store cannot be read, nothing is sent (``failed``); if the transport fails,
+the outcome is ``deferred`` (temporary) or ``failed`` (permanent), never ``sent``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from email.headerregistry import Address
+from email.message import EmailMessage
+from typing import Any, Literal, Self
+
+from jinja2 import TemplateError
+
+from . import policy
+from .addresses import NormalisedAddress, RoleClassifier, domain_keys_for, normalise
+from .compliance import FooterContext, FooterRenderer, apply_compliance
+from .config import PLACEHOLDER_BASE_URL, Settings, load_settings
+from .errors import (
+    ConfigError,
+    InvalidInputError,
+    StoreError,
+    TransportError,
+    TransportPermanentError,
+)
+from .models import Campaign, Decision, Outcome, Prospect
+from .store import AuditEvent, AuditWriter, ClaimStatus, Store, SuppressionHit
+from .tokens import TokenSigner, UnsubscribeToken
+from .transport import OutboxTransport, SMTPTransport, Transport
+
+__all__ = ["ProgressCallback", "ProspectMailer", "SendSummary"]
+
+log = logging.getLogger("prospect_mailer")
+
+#: Called after each recipient with its outcome and the running totals.
+ProgressCallback = Callable[[Outcome, "SendSummary"], None]
+
+
+@dataclass
+class SendSummary:
+    """Running totals of a :meth:`ProspectMailer.send_many` call.
+
+    Attributes:
+        counts: outcomes by status (``sent``, ``blocked``, ``failed``, ``deferred``,
+            ``duplicate``).
+        blocked_by_rule: how many recipients each rule id blocked (a recipient blocked by two
+            rules counts for both).
+    """
+
+    counts: Counter[str] = field(default_factory=Counter)
+    blocked_by_rule: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        """Recipients processed so far."""
+        return sum(self.counts.values())
+
+    def add(self, outcome: Outcome) -> None:
+        """Count one outcome."""
+        self.counts[outcome.status] += 1
+        if outcome.status == "blocked":
+            self.blocked_by_rule.update(outcome.rule_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    prospect: Prospect
+    address: NormalisedAddress
+    facts: policy.Facts
+
+
+class ProspectMailer:
+    """Sends prospecting mail with the rules enforced at send time.
+
+    Build it with :meth:`from_settings` (opens the store and the transport from settings) or
+    directly with a store and transport you own. Use it as an async context manager, or call
+    :meth:`close`.
+
+    Args:
+        store: the opened store (suppression list, audit log, send claims).
+        transport: where accepted mail goes (SMTP, outbox, memory).
+        signer: unsubscribe-token signer.
+        base_url: public HTTPS base of the unsubscribe handler.
+        mailto_domain: domain of the ``unsubscribe+TOKEN@`` address, or ``None`` for none.
+        renderer: footer renderer (default templates unless given).
+        classifier: role-address classifier.
+        concurrency: messages in flight at once in :meth:`send_many`.
+        clock: returns the current UTC time (a parameter so tests can fix it).
+        transport_label: recorded in the audit log (``library``, ``relay``...).
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        transport: Transport,
+        signer: TokenSigner,
+        base_url: str,
+        mailto_domain: str | None = None,
+        renderer: FooterRenderer | None = None,
+        classifier: RoleClassifier | None = None,
+        concurrency: int = 10,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        transport_label: str = "library",
+        owns_resources: bool = False,
+    ) -> None:
+        if not base_url.startswith("https://"):
+            raise ConfigError("base_url must be an https:// URL")
+        if concurrency < 1:
+            raise ConfigError("concurrency must be at least 1")
+        self.store = store
+        self.transport = transport
+        self.signer = signer
+        self.base_url = base_url.rstrip("/")
+        self.mailto_domain = mailto_domain
+        self.renderer = renderer or FooterRenderer()
+        self.classifier = classifier or RoleClassifier()
+        self.concurrency = concurrency
+        self.clock = clock
+        self.transport_label = transport_label
+        self._owns = owns_resources
+        self._writer: AuditWriter | None = None
+
+    @classmethod
+    async def from_settings(cls, settings: Settings | None = None) -> ProspectMailer:
+        """Open the store and transport described by ``settings`` (default: environment).
+
+        Raises:
+            ConfigError: invalid settings, or SMTP sending with the placeholder base URL
+                (links would not work: FR_OPTOUT_EVERY_MESSAGE).
+            StoreError: the database cannot be opened.
+        """
+        s = settings or load_settings()
+        smtp_url = s.smtp_url.get_secret_value() if s.smtp_url else None
+        if smtp_url and s.base_url == PLACEHOLDER_BASE_URL:
+            raise ConfigError(
+                "PROSPECT_MAILER_BASE_URL is not set: real mail needs a working unsubscribe "
+                "link (FR_OPTOUT_EVERY_MESSAGE); set it to your unsubscribe handler's https URL"
+            )
+        signer = TokenSigner(s.signing_keys())
+        transport: Transport = (
+            SMTPTransport.from_url(smtp_url, timeout=s.smtp_timeout)
+            if smtp_url
+            else OutboxTransport(s.outbox_dir)
+        )
+        store = await Store.open(s.database_url)
+        return cls(
+            store=store,
+            transport=transport,
+            signer=signer,
+            base_url=s.base_url,
+            mailto_domain=s.unsubscribe_mailto_domain,
+            renderer=FooterRenderer(s.template_dirs),
+            classifier=RoleClassifier(extra_names=frozenset(s.role_names)),
+            concurrency=s.concurrency,
+            owns_resources=True,
+        )
+
+    async def close(self) -> None:
+        """Flush the audit log; close the transport and the store if this mailer opened them."""
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            await writer.close()
+        if self._owns:
+            try:
+                await self.transport.close()
+            finally:
+                await self.store.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- public API -----------------------------------------------------------------------------
+
+    async def send(self, prospect: Prospect, campaign: Campaign, *, force: bool = False) -> Outcome:
+        """Decide and, if allowed, send one message.
+
+        A blocked recipient is an :class:`Outcome` with ``status="blocked"``, not an exception.
+
+        Args:
+            prospect: the recipient.
+            campaign: the campaign (step) to send.
+            force: send again even if this campaign step was already sent to this recipient.
+        """
+        async for outcome in self.iter_send([prospect], campaign, force=force):
+            return outcome
+        raise AssertionError("unreachable: one prospect gives one outcome")  # pragma: no cover
+
+    async def send_many(
+        self,
+        prospects: Iterable[Prospect] | AsyncIterable[Prospect],
+        campaign: Campaign,
+        *,
+        concurrency: int | None = None,
+        progress: ProgressCallback | None = None,
+        force: bool = False,
+        chunk_size: int = 200,
+    ) -> SendSummary:
+        """Send ``campaign`` to a stream of prospects of any length, in constant memory.
+
+        Outcomes are not kept (a million would not fit the promise of constant memory): use
+        ``progress`` to see each one, or :meth:`iter_send` to iterate over them.
+
+        Returns:
+            The totals by status and the blocks by rule id.
+        """
+        summary = SendSummary()
+        async for outcome in self.iter_send(
+            prospects, campaign, concurrency=concurrency, force=force, chunk_size=chunk_size
+        ):
+            summary.add(outcome)
+            if progress is not None:
+                progress(outcome, summary)
+        return summary
+
+    async def iter_send(
+        self,
+        prospects: Iterable[Prospect] | AsyncIterable[Prospect],
+        campaign: Campaign,
+        *,
+        concurrency: int | None = None,
+        force: bool = False,
+        chunk_size: int = 200,
+    ) -> AsyncIterator[Outcome]:
+        """Like :meth:`send_many`, yielding each :class:`Outcome` (chunk by chunk, in order)."""
+        limit = asyncio.Semaphore(concurrency or self.concurrency)
+        async for chunk in _chunks(prospects, chunk_size):
+            items_or_failures = await self._gather_facts(chunk, campaign)
+            tasks = [
+                asyncio.ensure_future(self._one(item, campaign, force, limit))
+                if isinstance(item, _Item)
+                else None
+                for item in items_or_failures
+            ]
+            try:
+                for item, task in zip(items_or_failures, tasks, strict=True):
+                    if task is None:
+                        assert isinstance(item, Outcome)
+                        yield item
+                    else:
+                        yield await task
+            finally:
+                # Stopped early (Ctrl-C, consumer break): let no send run on unobserved.
+                pending = [t for t in tasks if t is not None and not t.done()]
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    # -- pipeline -------------------------------------------------------------------------------
+
+    async def _gather_facts(
+        self, chunk: Sequence[Prospect], campaign: Campaign
+    ) -> list[_Item | Outcome]:
+        """One suppression query and one prior-contact query for the whole chunk."""
+        addresses = [p.address for p in chunk]
+        domain_keys = {a.domain: domain_keys_for(a.domain) for a in addresses}
+        keys = {a.key_hash for a in addresses}
+        for dk in domain_keys.values():
+            keys.update(dk)
+        try:
+            hits = await self.store.suppression.lookup(sorted(keys))
+            prior = await self.store.claims.prior_contacts(
+                campaign.advertiser.id, sorted({a.key_hash for a in addresses})
+            )
+        except StoreError as exc:
+            # Fail closed: without the suppression list nothing may be sent.
+            log.error("store unavailable, %d recipients not sent: %s", len(chunk), exc)
+            await self._try_audit_store_failure(chunk, campaign, exc)
+            return [
+                Outcome(
+                    email=p.email,
+                    status="failed",
+                    rule_ids=("SUPP_CHECK_AT_SEND",),
+                    detail=f"store unavailable, not sent: {exc}",
+                )
+                for p in chunk
+            ]
+        items: list[_Item | Outcome] = []
+        for p, a in zip(chunk, addresses, strict=True):
+            matches = [
+                _match(h) for k in (a.key_hash, *domain_keys[a.domain]) for h in hits.get(k, ())
+            ]
+            facts = policy.Facts(
+                suppression=tuple(matches),
+                prior_contact=a.key_hash in prior,
+                role_address=self.classifier.is_role(a),
+                classifier_version=self.classifier.version,
+            )
+            items.append(_Item(prospect=p, address=a, facts=facts))
+        return items
+
+    async def _one(
+        self, item: _Item, campaign: Campaign, force: bool, limit: asyncio.Semaphore
+    ) -> Outcome:
+        async with limit:
+            return await self._process(item, campaign, force)
+
+    async def _process(self, item: _Item, campaign: Campaign, force: bool) -> Outcome:
+        p, a = item.prospect, item.address
+        now = self.clock()
+        decision = policy.decide(p, campaign, item.facts, now)
+        send_id = uuid.uuid4().hex
+        base = _audit_base(self, item, campaign, decision, send_id)
+        if not decision.allowed:
+            await self._audit_quietly(base, status="blocked", rule_ids=decision.blocked_by)
+            return Outcome(
+                email=p.email,
+                status="blocked",
+                rule_ids=decision.blocked_by,
+                send_id=send_id,
+                detail=policy.explain(decision),
+            )
+        try:
+            claim = await self.store.claims.claim(
+                campaign_id=campaign.id,
+                step=campaign.step,
+                recipient_hash=a.key_hash,
+                advertiser_id=campaign.advertiser.id,
+                send_id=send_id,
+                force=force,
+            )
+        except StoreError as exc:
+            return await self._store_failed(base, p, send_id, exc)
+        if not claim.claimed:
+            await self._audit_quietly(
+                base, status="duplicate", extra={"existing_send_id": claim.existing_send_id}
+            )
+            return Outcome(
+                email=p.email,
+                status="duplicate",
+                send_id=claim.existing_send_id,
+                message_id=claim.existing_message_id,
+                detail=f"already {claim.existing_status} for campaign {campaign.id} "
+                f"step {campaign.step}; not sent again",
+            )
+        try:
+            message, token_id, template_hash = self._compose(item, campaign, decision, send_id, now)
+        except (ConfigError, InvalidInputError, TemplateError, UnicodeError) as exc:
+            detail = f"message could not be composed: {exc}"
+            await self._finish(campaign, a, send_id, "failed", None)
+            await self._audit_quietly(base, status="failed", extra={"error": detail})
+            return Outcome(email=p.email, status="failed", send_id=send_id, detail=detail)
+        message_id = str(message["Message-ID"])
+        base = base | {"message_id": message_id}
+        extra = {"token_id": token_id, "footer_template_hash": template_hash}
+        try:
+            # Durable before the transport is called: a crash leaves an honest `pending`.
+            await self._audit(base, status="pending", extra=extra)
+        except StoreError as exc:
+            await self._finish(campaign, a, send_id, "failed", message_id)
+            return await self._store_failed(base, p, send_id, exc)
+        try:
+            delivery = await self.transport.send(
+                message, sender=campaign.from_address, recipients=[p.email]
+            )
+        except TransportError as exc:
+            status: Literal["failed", "deferred"] = (
+                "failed" if isinstance(exc, TransportPermanentError) else "deferred"
+            )
+            await self._finish(campaign, a, send_id, status, message_id)
+            await self._audit_quietly(
+                base, status=status, extra={"smtp_code": exc.code, "smtp_reply": exc.reply}
+            )
+            return Outcome(
+                email=p.email,
+                status=status,
+                send_id=send_id,
+                message_id=message_id,
+                smtp_code=exc.code,
+                smtp_reply=exc.reply,
+                detail=str(exc),
+            )
+        detail = ""
+        try:
+            await self.store.claims.finish(
+                campaign_id=campaign.id,
+                step=campaign.step,
+                recipient_hash=a.key_hash,
+                send_id=send_id,
+                status="sent",
+                message_id=message_id,
+            )
+            await self._audit(
+                base,
+                status="sent",
+                extra={"smtp_code": delivery.code, "smtp_reply": delivery.reply},
+            )
+        except StoreError as exc:
+            # The server accepted the mail: it *was* sent. Say so, and that the record lags.
+            detail = f"sent, but recording it failed (claim stays pending): {exc}"
+            log.error("%s: %s", send_id, detail)
+        return Outcome(
+            email=p.email,
+            status="sent",
+            send_id=send_id,
+            message_id=message_id,
+            smtp_code=delivery.code,
+            smtp_reply=delivery.reply,
+            detail=detail,
+        )
+
+    # -- composition ----------------------------------------------------------------------------
+
+    def unsubscribe_url(self, token: str) -> str:
+        """The HTTPS one-click URL for a token."""
+        return f"{self.base_url}/unsubscribe/{token}"
+
+    def _compose(
+        self,
+        item: _Item,
+        campaign: Campaign,
+        decision: Decision,
+        send_id: str,
+        now: datetime,
+    ) -> tuple[EmailMessage, str, str]:
+        p = item.prospect
+        locale = p.locale or campaign.locale
+        token = self.signer.make(
+            UnsubscribeToken(
+                recipient_hash=item.address.key_hash,
+                advertiser_id=campaign.advertiser.id,
+                campaign_id=campaign.id,
+                scope="advertiser",
+                locale=locale,
+            )
+        )
+        url = self.unsubscribe_url(token)
+        mailto = (
+            f"mailto:unsubscribe+{self.signer.make_short(send_id)}@{self.mailto_domain}"
+            if self.mailto_domain
+            else None
+        )
+        context: dict[str, Any] = {
+            "prospect": p,
+            "campaign": campaign,
+            "advertiser": campaign.advertiser,
+            "unsubscribe_url": url,
+            "locale": locale,
+        }
+        msg = EmailMessage()
+        msg["Subject"] = campaign.subject
+        msg["From"] = Address(display_name=campaign.from_name, addr_spec=campaign.from_address)
+        msg["To"] = Address(display_name=p.name or "", addr_spec=p.email)
+        if campaign.reply_to:
+            msg["Reply-To"] = campaign.reply_to
+        from_domain = normalise(campaign.from_address).domain
+        # Short enough never to be folded, and it names the send: a bounce quoting it leads
+        # straight to the audit record.
+        msg["Message-ID"] = f"<{send_id}@{from_domain}>"
+        text = (
+            self.renderer.render_string(campaign.text_template, context, html=False)
+            if campaign.text_template
+            else None
+        )
+        html = (
+            self.renderer.render_string(campaign.html_template, context, html=True)
+            if campaign.html_template
+            else None
+        )
+        if text is not None:
+            msg.set_content(text, subtype="plain", charset="utf-8", cte="quoted-printable")
+            if html is not None:
+                msg.add_alternative(html, subtype="html", charset="utf-8", cte="quoted-printable")
+        else:
+            assert html is not None
+            msg.set_content(html, subtype="html", charset="utf-8", cte="quoted-printable")
+        collected: date | None = p.collected_at.date() if p.collected_at else None
+        footers = self.renderer.render(
+            FooterContext(
+                locale=locale,
+                advertiser_legal_name=campaign.advertiser.legal_name,
+                advertiser_postal_address=campaign.advertiser.postal_address,
+                advertiser_contact=campaign.advertiser.contact,
+                unsubscribe_url=url,
+                unsubscribe_mailto=mailto,
+                source_name=p.source_name,
+                source_type=p.source_type,
+                collection_method=p.collection_method,
+                collected_at=collected,
+                first_contact=decision.first_contact,
+                campaign_id=campaign.id,
+                recipient_name=p.name,
+            )
+        )
+        final = apply_compliance(
+            msg,
+            footers,
+            list_unsubscribe_url=url,
+            list_unsubscribe_mailto=mailto,
+            message_id_domain=from_domain,
+            now=now,
+        )
+        return final, self.signer.token_id(token), footers.template_hash
+
+    # -- records --------------------------------------------------------------------------------
+
+    async def _audit(
+        self,
+        base: dict[str, Any],
+        *,
+        status: str,
+        rule_ids: Sequence[str] = (),
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        details = dict(base["details"])
+        if extra:
+            details.update({k: v for k, v in extra.items() if v is not None})
+        event = AuditEvent(
+            **{k: v for k, v in base.items() if k != "details"},
+            status=status,
+            rule_ids=tuple(rule_ids),
+            details=details,
+        )
+        if self._writer is None:
+            # Group commit: concurrent sends share one transaction (and one fsync) per batch,
+            # and each caller resumes only once its own record is durable.
+            self._writer = self.store.audit.writer()
+            self._writer.start()
+        await self._writer.write(event)
+
+    async def _audit_quietly(
+        self,
+        base: dict[str, Any],
+        *,
+        status: str,
+        rule_ids: Sequence[str] = (),
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Record an event whose failure must not change the outcome (nothing was sent)."""
+        try:
+            await self._audit(base, status=status, rule_ids=rule_ids, extra=extra)
+        except StoreError as exc:
+            log.error("audit record %s for %s lost: %s", status, base.get("send_id"), exc)
+
+    async def _try_audit_store_failure(
+        self, chunk: Sequence[Prospect], campaign: Campaign, exc: StoreError
+    ) -> None:
+        for p in chunk:
+            base = {
+                "send_id": uuid.uuid4().hex,
+                "kind": "send",
+                "campaign_id": campaign.id,
+                "step": campaign.step,
+                "advertiser_id": campaign.advertiser.id,
+                "purpose": campaign.purpose,
+                "recipient_hash": p.address.key_hash,
+                "recipient_masked": p.address.masked,
+                "transport": self.transport_label,
+                "details": {"error": f"store unavailable: {exc}"},
+            }
+            try:
+                await self._audit(base, status="failed", rule_ids=("SUPP_CHECK_AT_SEND",))
+            except StoreError:
+                return  # the store is down: the log line above is all that can be written
+
+    async def _store_failed(
+        self, base: dict[str, Any], p: Prospect, send_id: str, exc: StoreError
+    ) -> Outcome:
+        await self._audit_quietly(base, status="failed", extra={"error": str(exc)})
+        return Outcome(
+            email=p.email, status="failed", send_id=send_id, detail=f"store failed, not sent: {exc}"
+        )
+
+    async def _finish(
+        self,
+        campaign: Campaign,
+        a: NormalisedAddress,
+        send_id: str,
+        status: ClaimStatus,
+        message_id: str | None,
+    ) -> None:
+        try:
+            await self.store.claims.finish(
+                campaign_id=campaign.id,
+                step=campaign.step,
+                recipient_hash=a.key_hash,
+                send_id=send_id,
+                status=status,
+                message_id=message_id,
+            )
+        except StoreError as exc:
+            log.error("claim %s could not be marked %s: %s", send_id, status, exc)
+
+
+def _match(hit: SuppressionHit) -> policy.SuppressionMatch:
+    return policy.SuppressionMatch(
+        kind=hit.kind, scope=hit.scope, scope_value=hit.scope_value, reason=hit.reason
+    )
+
+
+def _audit_base(
+    mailer: ProspectMailer, item: _Item, campaign: Campaign, decision: Decision, send_id: str
+) -> dict[str, Any]:
+    """The audit fields of RULES.md section G that are known once the decision is made."""
+    p = item.prospect
+    return {
+        "send_id": send_id,
+        "kind": "send",
+        "campaign_id": campaign.id,
+        "step": campaign.step,
+        "advertiser_id": campaign.advertiser.id,
+        "purpose": campaign.purpose,
+        "recipient_hash": item.address.key_hash,
+        "recipient_masked": item.address.masked,
+        "transport": mailer.transport_label,
+        "details": {
+            "profiles": list(campaign.profiles),
+            "recipient_type": decision.effective_recipient_type,
+            "declared_recipient_type": p.recipient_type,
+            "classifier_version": item.facts.classifier_version,
+            "legal_basis": p.legal_basis,
+            "consent_ref": p.consent_ref,
+            "source_type": p.source_type,
+            "source_name": p.source_name,
+            "first_contact": decision.first_contact,
+            "suppression_hits": len(item.facts.suppression),
+            "rules": {r.rule_id: r.outcome for r in decision.results},
+            "warnings": [f"{w.rule_id}: {w.reason}" for w in decision.warnings],
+            "transport_kind": getattr(mailer.transport, "name", type(mailer.transport).__name__),
+        },
+    }
+
+
+async def _chunks(
+    source: Iterable[Prospect] | AsyncIterable[Prospect], size: int
+) -> AsyncIterator[list[Prospect]]:
+    """Group a sync or async stream into lists of ``size`` without reading ahead further."""
+    chunk: list[Prospect] = []
+    if isinstance(source, AsyncIterable):
+        async for p in source:
+            chunk.append(p)
+            if len(chunk) >= size:
+                yield chunk
+                chunk = []
+    else:
+        for p in source:
+            chunk.append(p)
+            if len(chunk) >= size:
+                yield chunk
+                chunk = []
+                await asyncio.sleep(0)  # let other tasks run between chunks of a sync iterable
+    if chunk:
+        yield chunk

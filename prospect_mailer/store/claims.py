@@ -1,0 +1,246 @@
+"""Send claims: the idempotency key ``(campaign_id, step, recipient_hash)`` (DESIGN.md).
+
+A send is *claimed* (``pending``) durably before the message is handed to the transport, then
+*finished* (``sent``, ``failed``, ``deferred`` or ``blocked``). A crash in between leaves
+``pending``: honest, and a resume does not send twice. Retrying takes over a ``failed`` or
+``deferred`` claim; ``force=True`` takes over any claim.
+
+Exactly one of any number of concurrent claimers wins, in one process or many: the unique
+constraint decides who inserts the row, and a take-over is an ``UPDATE ... WHERE send_id = <the
+one seen> AND status = <the one seen>`` whose returned row decides who took it. No in-process
+lock is involved.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal, cast, get_args
+
+from sqlalchemy import ColumnElement, and_, select, update
+
+from ..errors import InvalidInputError
+from .engine import Database
+from .suppression import check_hash
+from .tables import SEND_CLAIMS
+
+__all__ = ["CLAIM_STATUSES", "ClaimResult", "ClaimStatus", "SendClaims"]
+
+ClaimStatus = Literal["pending", "sent", "failed", "deferred", "blocked"]
+CLAIM_STATUSES: tuple[str, ...] = get_args(ClaimStatus)
+_RETRYABLE = frozenset({"failed", "deferred"})
+_ID = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
+_CHUNK = 900
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """Outcome of :meth:`SendClaims.claim`.
+
+    Attributes:
+        claimed: this caller now owns the send and may hand the message to the transport.
+        existing_status: the claim's status before this call (``None`` if there was none).
+            When ``claimed`` is false, it is why: ``pending`` or ``sent`` (a duplicate),
+            ``blocked``, or a retryable status another claimer took first.
+        existing_send_id: the send id holding (or that held) the claim.
+        existing_message_id: its Message-ID, if it was recorded.
+        taken_over: ``claimed`` by taking over an existing claim (a retry or ``force``).
+    """
+
+    claimed: bool
+    existing_status: ClaimStatus | None = None
+    existing_send_id: str | None = None
+    existing_message_id: str | None = None
+    taken_over: bool = False
+
+
+def _check_key(campaign_id: str, step: int, recipient_hash: str) -> None:
+    if not isinstance(campaign_id, str) or not _ID.fullmatch(campaign_id):
+        raise InvalidInputError(f"campaign_id must be 1-128 printable characters: {campaign_id!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise InvalidInputError(f"step must be a positive integer, not {step!r}")
+    check_hash(recipient_hash, what="recipient_hash")
+
+
+def _check_id(name: str, value: str) -> None:
+    if not isinstance(value, str) or not _ID.fullmatch(value) or len(value) > 64:
+        raise InvalidInputError(f"{name} must be 1-64 printable characters: {value!r:.80}")
+
+
+class SendClaims:
+    """The send claims in the store (``store.claims``)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    @staticmethod
+    def _key(campaign_id: str, step: int, recipient_hash: str) -> ColumnElement[bool]:
+        t = SEND_CLAIMS
+        return and_(
+            t.c.campaign_id == campaign_id,
+            t.c.step == step,
+            t.c.recipient_hash == recipient_hash,
+        )
+
+    async def claim(
+        self,
+        *,
+        campaign_id: str,
+        step: int,
+        recipient_hash: str,
+        advertiser_id: str,
+        send_id: str,
+        force: bool = False,
+    ) -> ClaimResult:
+        """Atomically claim the send of ``(campaign_id, step, recipient_hash)`` for ``send_id``.
+
+        Inserts a ``pending`` claim; if one exists, takes it over when its status is
+        ``failed`` or ``deferred`` (or any status with ``force=True``), else reports it.
+
+        Raises:
+            InvalidInputError: a malformed key or id.
+            StoreError: the database failed (the caller must not send).
+        """
+        _check_key(campaign_id, step, recipient_hash)
+        _check_id("advertiser_id", advertiser_id)
+        _check_id("send_id", send_id)
+        t = SEND_CLAIMS
+        now = datetime.now(UTC)
+        key = self._key(campaign_id, step, recipient_hash)
+        current = select(t.c.status, t.c.send_id, t.c.message_id).where(key)
+        async with self._db.transaction("claiming a send") as conn:
+            # A write first: on SQLite it takes the write lock, so the read below is current.
+            inserted = await conn.execute(
+                self._db.insert(t)
+                .values(
+                    campaign_id=campaign_id,
+                    step=step,
+                    recipient_hash=recipient_hash,
+                    advertiser_id=advertiser_id,
+                    status="pending",
+                    send_id=send_id,
+                    message_id=None,
+                    updated_at=now,
+                )
+                .on_conflict_do_nothing()
+                .returning(t.c.id)
+            )
+            if inserted.first() is not None:
+                return ClaimResult(claimed=True)
+            seen = (await conn.execute(current)).first()
+            if seen is not None and (force or seen.status in _RETRYABLE):
+                # The WHERE re-checks what we saw: of concurrent claimers, one row, one winner.
+                took = await conn.execute(
+                    update(t)
+                    .where(key, t.c.send_id == seen.send_id, t.c.status == seen.status)
+                    .values(
+                        status="pending",
+                        send_id=send_id,
+                        message_id=None,
+                        advertiser_id=advertiser_id,
+                        updated_at=now,
+                    )
+                    .returning(t.c.id)
+                )
+                if took.first() is not None:
+                    return ClaimResult(
+                        claimed=True,
+                        existing_status=cast(ClaimStatus, seen.status),
+                        existing_send_id=seen.send_id,
+                        existing_message_id=seen.message_id,
+                        taken_over=True,
+                    )
+                seen = (await conn.execute(current)).first()
+        if seen is None:
+            # Deleted between our insert and our read: nothing holds it, but be conservative.
+            return ClaimResult(claimed=False)
+        return ClaimResult(
+            claimed=False,
+            existing_status=cast(ClaimStatus, seen.status),
+            existing_send_id=seen.send_id,
+            existing_message_id=seen.message_id,
+        )
+
+    async def finish(
+        self,
+        *,
+        campaign_id: str,
+        step: int,
+        recipient_hash: str,
+        send_id: str,
+        status: ClaimStatus,
+        message_id: str | None = None,
+    ) -> bool:
+        """Record the end of a send: only the holder of the claim (``send_id``) may.
+
+        Returns:
+            ``True`` if updated; ``False`` if the claim is gone or held by another send id.
+
+        Raises:
+            InvalidInputError: a malformed key or an unknown status.
+            StoreError: the database failed.
+        """
+        _check_key(campaign_id, step, recipient_hash)
+        if status not in CLAIM_STATUSES:
+            raise InvalidInputError(f"claim status must be one of {CLAIM_STATUSES}: {status!r}")
+        t = SEND_CLAIMS
+        stmt = (
+            update(t)
+            .where(self._key(campaign_id, step, recipient_hash), t.c.send_id == send_id)
+            .values(status=status, message_id=message_id, updated_at=datetime.now(UTC))
+            .returning(t.c.id)
+        )
+        async with self._db.transaction("finishing a send claim") as conn:
+            return (await conn.execute(stmt)).first() is not None
+
+    async def prior_contacts(self, advertiser_id: str, recipient_hashes: Sequence[str]) -> set[str]:
+        """The hashes this advertiser already mailed (or is mailing), in any campaign.
+
+        A ``sent`` or ``pending`` claim counts; used for the GDPR art. 14 first-contact flag.
+        Call it before claiming the current send, or its own ``pending`` claim counts too.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        t = SEND_CLAIMS
+        wanted = list(dict.fromkeys(recipient_hashes))
+        found: set[str] = set()
+        async with self._db.connection("reading prior contacts") as conn:
+            for start in range(0, len(wanted), _CHUNK):
+                stmt = (
+                    select(t.c.recipient_hash)
+                    .where(
+                        t.c.recipient_hash.in_(wanted[start : start + _CHUNK]),
+                        t.c.advertiser_id == advertiser_id,
+                        t.c.status.in_(("sent", "pending")),
+                    )
+                    .distinct()
+                )
+                found.update((await conn.execute(stmt)).scalars())
+        return found
+
+    async def statuses(
+        self, campaign_id: str, step: int, recipient_hashes: Sequence[str]
+    ) -> dict[str, ClaimStatus]:
+        """``{recipient_hash: status}`` of the existing claims of one campaign step.
+
+        Hashes without a claim are absent.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        t = SEND_CLAIMS
+        wanted = list(dict.fromkeys(recipient_hashes))
+        found: dict[str, ClaimStatus] = {}
+        async with self._db.connection("reading send claims") as conn:
+            for start in range(0, len(wanted), _CHUNK):
+                stmt = select(t.c.recipient_hash, t.c.status).where(
+                    t.c.campaign_id == campaign_id,
+                    t.c.step == step,
+                    t.c.recipient_hash.in_(wanted[start : start + _CHUNK]),
+                )
+                for key, status in await conn.execute(stmt):
+                    found[key] = cast(ClaimStatus, status)
+        return found

@@ -1,0 +1,200 @@
+"""The :class:`Store`: one async engine and the four parts that share it.
+
+``Store.open`` creates the schema if needed, idempotently and safely when several processes
+open the same database at once (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: a transaction-level
+advisory lock, DDL being transactional there). A database written by a newer prospect-mailer
+(higher ``schema_version``) is refused rather than modified.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from types import TracebackType
+
+from sqlalchemy import Connection, inspect, select, text
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlmodel import SQLModel
+
+from ..errors import StoreError
+from .audit import AuditLog
+from .claims import SendClaims
+from .engine import Database, create_engine, parse_url
+from .prospects import ProspectRegistry
+from .suppression import SuppressionList
+from .tables import AUDIT_HEAD, SCHEMA_VERSION, STORE_TABLES
+
+__all__ = ["CURRENT_SCHEMA_VERSION", "Store"]
+
+#: The schema version this code creates and understands.
+CURRENT_SCHEMA_VERSION = 1
+
+# Arbitrary constant naming "prospect-mailer schema creation" among advisory locks.
+_PG_SCHEMA_LOCK = 0x706D5F736368656D & 0x7FFFFFFFFFFFFFFF
+
+
+def _read_version(conn: Connection) -> int | None:
+    if not inspect(conn).has_table(SCHEMA_VERSION.name):
+        return None
+    row = conn.execute(select(SCHEMA_VERSION.c.version).where(SCHEMA_VERSION.c.id == 1)).first()
+    return None if row is None else int(row[0])
+
+
+def _create_tables(conn: Connection) -> None:
+    SQLModel.metadata.create_all(conn, tables=list(STORE_TABLES), checkfirst=True)
+
+
+async def _ensure_schema(db: Database, conn: AsyncConnection) -> None:
+    if db.dialect == "sqlite":
+        # Take the write lock before looking: two processes creating the file at once
+        # would otherwise both see no table and both try to create it.
+        await conn.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_SCHEMA_LOCK})
+    found = await conn.run_sync(_read_version)
+    if found is not None and found > CURRENT_SCHEMA_VERSION:
+        raise StoreError(
+            f"the database has schema version {found}, newer than this prospect-mailer "
+            f"understands ({CURRENT_SCHEMA_VERSION}): upgrade prospect-mailer"
+        )
+    await conn.run_sync(_create_tables)
+    now = datetime.now(UTC)
+    if found is None:
+        await conn.execute(
+            db.insert(SCHEMA_VERSION)
+            .values(id=1, version=CURRENT_SCHEMA_VERSION, updated_at=now)
+            .on_conflict_do_nothing()
+        )
+    # found < CURRENT_SCHEMA_VERSION: migrations go here, one step at a time, when the
+    # schema first changes (version 1 is the first).
+    await conn.execute(
+        db.insert(AUDIT_HEAD).values(id=1, seq=0, hash="0" * 64).on_conflict_do_nothing()
+    )
+
+
+class Store:
+    """The database of prospect-mailer: suppression list, audit log, send claims, prospects.
+
+    Open with ``store = await Store.open(url)`` and ``await store.close()``, or
+    ``async with await Store.open(url) as store``, or ``async with Store.connect(url) as
+    store``. Safe to share between tasks; several processes may open the same database.
+
+    Attributes:
+        suppression: the suppression list (:class:`SuppressionList`).
+        audit: the hash-chained audit log (:class:`AuditLog`).
+        claims: the send claims, i.e. idempotency keys (:class:`SendClaims`).
+        prospects: the prospect registry (:class:`ProspectRegistry`).
+        url: the database URL, password hidden.
+    """
+
+    def __init__(self, db: Database, url: URL) -> None:
+        """Wrap an opened database; use :meth:`open` instead."""
+        self._db = db
+        self.url = url.render_as_string(hide_password=True)
+        self.suppression = SuppressionList(db)
+        self.audit = AuditLog(db)
+        self.claims = SendClaims(db)
+        self.prospects = ProspectRegistry(db)
+
+    @classmethod
+    async def open(
+        cls,
+        url: str | os.PathLike[str],
+        *,
+        schema: str | None = None,
+        connect_timeout: float = 5.0,
+        pool_size: int = 10,
+        echo: bool = False,
+    ) -> Store:
+        """Connect to ``url`` and create or check the schema.
+
+        Args:
+            url: ``sqlite+aiosqlite:///path/file.db``, a bare file path (SQLite), or
+                ``postgresql+asyncpg://user@host:port/db``.
+            schema: PostgreSQL only: the schema to use (sets ``search_path``; it must exist).
+            connect_timeout: seconds to wait for a PostgreSQL connection.
+            pool_size: PostgreSQL connections kept open (as many again may overflow).
+            echo: log every SQL statement (debugging).
+
+        Raises:
+            ConfigError: the URL or schema name is not usable.
+            StoreError: the database cannot be reached or created, or has a newer schema.
+        """
+        parsed = parse_url(url)
+        db = Database(
+            create_engine(
+                parsed,
+                schema=schema,
+                connect_timeout=connect_timeout,
+                pool_size=pool_size,
+                echo=echo,
+            )
+        )
+        try:
+            async with db.transaction(f"opening the store at {parsed.render_as_string()}") as conn:
+                await _ensure_schema(db, conn)
+        except BaseException:
+            await db.engine.dispose()
+            raise
+        return cls(db, parsed)
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls,
+        url: str | os.PathLike[str],
+        *,
+        schema: str | None = None,
+        connect_timeout: float = 5.0,
+        pool_size: int = 10,
+        echo: bool = False,
+    ) -> AsyncIterator[Store]:
+        """``async with Store.connect(url) as store``: :meth:`open`, then :meth:`close`.
+
+        Arguments and errors are those of :meth:`open`.
+        """
+        store = await cls.open(
+            url, schema=schema, connect_timeout=connect_timeout, pool_size=pool_size, echo=echo
+        )
+        try:
+            yield store
+        finally:
+            await store.close()
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self._db.dialect
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The SQLAlchemy engine (for maintenance and tests; not a stable API)."""
+        return self._db.engine
+
+    @property
+    def closed(self) -> bool:
+        """``True`` once :meth:`close` was called."""
+        return self._db.closed
+
+    async def close(self) -> None:
+        """Close every connection. Idempotent; later calls on the store raise StoreError."""
+        if not self._db.closed:
+            await self._db.dispose()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<Store {self.url} ({state})>"

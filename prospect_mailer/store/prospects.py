@@ -1,0 +1,134 @@
+"""The prospect registry: registered prospects, keyed by the hash of their address.
+
+This table holds personal data by design (it is the prospect file), kept apart from the
+suppression list, which must not. The SMTP relay checks it at ``RCPT TO``; purges
+(RULES.md FR_PROSPECT_RETENTION_3Y, SUPP_SURVIVES_DELETION) delete from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+
+from pydantic import ValidationError
+from sqlalchemy import delete, func, select
+
+from ..addresses import normalise
+from ..errors import StoreError
+from ..models import Prospect
+from .engine import Database
+from .tables import PROSPECTS
+
+__all__ = ["ProspectRegistry"]
+
+_CHUNK = 500
+
+
+def _load(recipient_hash: str, data: str) -> Prospect:
+    try:
+        return Prospect.model_validate_json(data)
+    except ValidationError as exc:
+        raise StoreError(f"stored prospect {recipient_hash[:12]}... is unreadable: {exc}") from exc
+
+
+class ProspectRegistry:
+    """Registered prospects in the store (``store.prospects``)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def upsert(self, prospect: Prospect) -> None:
+        """Insert ``prospect`` or replace the one registered for the same address.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        await self.upsert_many([prospect])
+
+    async def upsert_many(self, prospects: Iterable[Prospect]) -> int:
+        """Insert or replace many prospects (the last one wins for a repeated address).
+
+        Written in statements of 500, each committed on its own (an import is idempotent:
+        run it again after a failure).
+
+        Returns:
+            The number of distinct prospects written.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        rows: dict[str, str] = {}
+        for prospect in prospects:
+            rows[prospect.address.key_hash] = prospect.model_dump_json()
+        items = list(rows.items())
+        for start in range(0, len(items), _CHUNK):
+            now = datetime.now(UTC)
+            values = [
+                {"recipient_hash": key, "data": data, "updated_at": now}
+                for key, data in items[start : start + _CHUNK]
+            ]
+            stmt = self._db.insert(PROSPECTS).values(values)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[PROSPECTS.c.recipient_hash],
+                set_={"data": stmt.excluded.data, "updated_at": stmt.excluded.updated_at},
+            )
+            async with self._db.transaction("registering prospects") as conn:
+                await conn.execute(stmt)
+        return len(items)
+
+    async def get(self, address: str) -> Prospect | None:
+        """The prospect registered for ``address`` (any form that normalises the same).
+
+        Raises:
+            InvalidAddressError: the address cannot be normalised.
+            StoreError: the database failed.
+        """
+        key = normalise(address).key_hash
+        return (await self.get_many([key])).get(key)
+
+    async def get_many(self, recipient_hashes: Sequence[str]) -> dict[str, Prospect]:
+        """``{recipient_hash: prospect}`` for the registered ones among ``recipient_hashes``.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        wanted = list(dict.fromkeys(recipient_hashes))
+        found: dict[str, Prospect] = {}
+        t = PROSPECTS
+        async with self._db.connection("reading prospects") as conn:
+            for start in range(0, len(wanted), 900):
+                stmt = select(t.c.recipient_hash, t.c.data).where(
+                    t.c.recipient_hash.in_(wanted[start : start + 900])
+                )
+                for key, data in await conn.execute(stmt):
+                    found[key] = _load(key, data)
+        return found
+
+    async def delete(self, recipient_hash: str) -> bool:
+        """Delete the prospect registered under ``recipient_hash``.
+
+        Suppression entries are separate and survive (SUPP_SURVIVES_DELETION).
+
+        Returns:
+            ``True`` if a prospect was deleted.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        stmt = (
+            delete(PROSPECTS)
+            .where(PROSPECTS.c.recipient_hash == recipient_hash)
+            .returning(PROSPECTS.c.id)
+        )
+        async with self._db.transaction("deleting a prospect") as conn:
+            return (await conn.execute(stmt)).first() is not None
+
+    async def count(self) -> int:
+        """Number of registered prospects.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        async with self._db.connection("counting prospects") as conn:
+            result = await conn.execute(select(func.count()).select_from(PROSPECTS))
+            return int(result.scalar_one())

@@ -1,0 +1,454 @@
+"""End to end: ProspectMailer -> real aiosmtpd on 127.0.0.1, real SQLite file / PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import re
+import sqlite3
+import tracemalloc
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+from smtp_fixtures import SMTPTestServer
+
+from prospect_mailer.compliance import FooterRenderer
+from prospect_mailer.config import load_settings
+from prospect_mailer.mailer import ProspectMailer
+from prospect_mailer.models import Advertiser, Campaign, Outcome, Prospect
+from prospect_mailer.store import Store
+from prospect_mailer.tokens import TokenSigner
+from prospect_mailer.transport import MemoryTransport, SMTPTransport, Transport
+
+KEY = "test-signing-key-0123456789abcdef"
+BASE = "https://optout.acme.example"
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+CAMPAIGN = Campaign(
+    id="spring",
+    purpose="prospecting",
+    subject="Capteurs connectés",
+    from_address="ventes@acme.example",
+    from_name="ACME Ventes",
+    advertiser=Advertiser(
+        id="acme",
+        legal_name="ACME SAS",
+        postal_address="1 rue de la Paix, 75002 Paris",
+        contact="dpo@acme.example",
+    ),
+    category="sensors",
+    target_functions=("CTO",),
+    text_template="Bonjour {{ prospect.name }},\nNos capteurs.\n",
+    html_template="<html><body><p>Bonjour {{ prospect.name }}</p></body></html>",
+)
+
+
+def b2b(email_addr: str, **kw: Any) -> Prospect:
+    base: dict[str, Any] = dict(
+        email=email_addr,
+        name="Marie Curie",
+        recipient_type="professional",
+        legal_basis="legitimate_interest",
+        source_type="public",
+        source_name="Annuaire des entreprises",
+        collection_method="annuaire professionnel",
+        job_function="CTO",
+        optout_offered_at_collection=True,
+        collected_at=datetime(2026, 10, 1, tzinfo=UTC),
+    )
+    base.update(kw)
+    return Prospect(**base)
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Store]:
+    async with Store.connect(db_url) as store:
+        yield store
+
+
+def make_mailer(store: Store, transport: Transport, **kw: Any) -> ProspectMailer:
+    return ProspectMailer(
+        store=store,
+        transport=transport,
+        signer=TokenSigner([KEY]),
+        base_url=BASE,
+        mailto_domain="optout.acme.example",
+        clock=lambda: NOW,
+        **kw,
+    )
+
+
+@pytest.fixture
+async def smtp(smtpd_server: SMTPTestServer) -> AsyncIterator[SMTPTransport]:
+    transport = SMTPTransport(smtpd_server.host, smtpd_server.port, timeout=5)
+    yield transport
+    await transport.close()
+
+
+def parse(data: bytes) -> EmailMessage:
+    # Wire data has CRLF; a receiving MTA hands it on with local line ends.
+    msg = email.message_from_bytes(data.replace(b"\r\n", b"\n"), policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    return msg
+
+
+def raw_header(data: bytes, name: bytes) -> list[bytes]:
+    head = data.split(b"\r\n\r\n", 1)[0]
+    unfolded = re.sub(rb"\r\n[ \t]", b" ", head)
+    return [
+        line for line in unfolded.split(b"\r\n") if line.lower().startswith(name.lower() + b":")
+    ]
+
+
+async def test_send_through_smtp_server_side_checks(
+    db: Store, smtp: SMTPTransport, smtpd_server: SMTPTestServer
+) -> None:
+    mailer = make_mailer(db, smtp)
+    outcome = await mailer.send(b2b("Marie.Curie@Radium.example"), CAMPAIGN)
+    await mailer.close()
+    assert outcome.status == "sent", outcome
+    assert outcome.smtp_code == 250
+
+    (mail_from, rcpt_tos, data) = smtpd_server.messages[0]
+    assert mail_from == "ventes@acme.example"
+    assert rcpt_tos == ["Marie.Curie@Radium.example"]  # sent to the address as given
+
+    # Exactly one of each RFC 8058 header, exact bytes.
+    (lu,) = raw_header(data, b"List-Unsubscribe")
+    (lup,) = raw_header(data, b"List-Unsubscribe-Post")
+    assert lup == b"List-Unsubscribe-Post: List-Unsubscribe=One-Click"
+    m = re.fullmatch(
+        rb"List-Unsubscribe: <(https://optout\.acme\.example/unsubscribe/([^>]+))>, "
+        rb"<mailto:unsubscribe\+([a-z2-7]+)@optout\.acme\.example>",
+        lu,
+    )
+    assert m, lu
+    url, token, short = (g.decode() for g in m.groups())
+    verified = TokenSigner([KEY]).verify(token)
+    assert verified.recipient_hash == outcome_hash("marie.curie@radium.example")
+    assert (verified.advertiser_id, verified.campaign_id, verified.scope) == (
+        "acme",
+        "spring",
+        "advertiser",
+    )
+    assert outcome.send_id is not None
+    assert TokenSigner([KEY]).verify_short(short) == outcome.send_id[:20]
+
+    msg = parse(data)
+    assert msg["Message-ID"] == outcome.message_id
+    assert msg["Date"]
+    text = msg.get_body(("plain",))
+    html = msg.get_body(("html",))
+    assert text is not None
+    assert html is not None
+    text_body, html_body = text.get_content(), html.get_content()
+    # origin-of-data footer and opt-out footer in both parts
+    for body in (text_body, html_body):
+        assert "Annuaire des entreprises" in body
+        assert "ACME SAS" in body
+        assert "1 rue de la Paix" in body
+        assert url in body
+    assert "\n-- \n" in text_body
+    assert 'class="pm-origin"' in html_body
+    assert 'class="pm-optout"' in html_body
+    assert html_body.index("prospect-mailer-footer") < html_body.lower().index("</body>")
+    assert "Bonjour Marie Curie" in text_body
+
+
+def outcome_hash(key: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+async def test_blocked_recipient_is_an_outcome_and_audited(
+    db: Store, smtp: SMTPTransport, smtpd_server: SMTPTestServer
+) -> None:
+    mailer = make_mailer(db, smtp)
+    p = b2b("cook@restaurant.example", job_function="Chef")
+    outcome = await mailer.send(p, CAMPAIGN)
+    await mailer.close()
+    assert outcome.status == "blocked"
+    assert outcome.rule_ids == ("FR_B2C_CONSENT_REQUIRED", "FR_B2B_PROFESSIONAL_RELEVANCE")
+    assert "Chef" in outcome.detail
+    assert smtpd_server.messages == []
+    (event,) = await db.audit.events(send_id=outcome.send_id)
+    assert event.status == "blocked"
+    assert event.rule_ids == outcome.rule_ids
+    assert event.recipient_masked == "c***@restaurant.example"
+    assert (await db.audit.verify()).ok
+
+
+async def test_audit_holds_no_plaintext_address(
+    tmp_path: Path, smtpd_server: SMTPTestServer
+) -> None:
+    path = tmp_path / "pm.db"
+    async with Store.connect(f"sqlite+aiosqlite:///{path}") as store:
+        transport = SMTPTransport(smtpd_server.host, smtpd_server.port)
+        mailer = make_mailer(store, transport)
+        await mailer.send(b2b("secret.person@hidden.example"), CAMPAIGN)
+        await mailer.send(b2b("other.person@hidden.example", job_function="x"), CAMPAIGN)
+        await mailer.close()
+        await transport.close()
+    con = sqlite3.connect(path)
+    try:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        con.close()
+    blob = b"".join(p.read_bytes() for p in tmp_path.glob("pm.db*"))
+    assert b"secret.person" not in blob
+    assert b"other.person" not in blob
+    assert b"hidden.example" in blob  # the masked form keeps the domain
+
+
+async def test_pending_is_written_before_the_transport_is_called(db: Store) -> None:
+    seen: list[list[str]] = []
+
+    class Spy(MemoryTransport):
+        async def send(self, message: EmailMessage, *, sender: str, recipients: Any) -> Any:
+            events = await db.audit.events()
+            seen.append([e.status for e in events])
+            return await super().send(message, sender=sender, recipients=recipients)
+
+    mailer = make_mailer(db, Spy())
+    outcome = await mailer.send(b2b("a@x.example"), CAMPAIGN)
+    await mailer.close()
+    assert seen == [["pending"]]
+    statuses = [e.status for e in await db.audit.events(send_id=outcome.send_id)]
+    assert statuses == ["pending", "sent"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "scope", "scope_value", "blocked"),
+    [
+        ("address", "A@X.example", "advertiser", "acme", True),
+        ("address", "a@x.example", "advertiser", "someone-else", False),
+        ("address", "a@x.example", "global", "", True),
+        ("address", "a@x.example", "campaign", "spring", True),
+        ("domain", "x.example", "advertiser", "acme", True),
+        ("domain", "example", "global", "", False),  # a TLD is never a suppression key
+    ],
+)
+async def test_suppression_checked_at_send(
+    db: Store,
+    kind: str,
+    value: str,
+    scope: str,
+    scope_value: str,
+    blocked: bool,
+) -> None:
+    if kind == "address":
+        await db.suppression.add_address(
+            value, scope=scope, scope_value=scope_value, reason="unsubscribe", source="test"
+        )
+    elif value != "example":
+        await db.suppression.add_domain(
+            value, scope=scope, scope_value=scope_value, reason="manual", source="test"
+        )
+    transport = MemoryTransport()
+    mailer = make_mailer(db, transport)
+    outcome = await mailer.send(b2b("a@sub.x.example" if kind == "domain" else "a@x.example"),
+                                CAMPAIGN)  # fmt: skip
+    await mailer.close()
+    assert (outcome.status == "blocked") is blocked
+    assert ("SUPP_CHECK_AT_SEND" in outcome.rule_ids) is blocked
+    assert len(transport.sent) == (0 if blocked else 1)
+
+
+async def test_same_campaign_step_never_sent_twice_unless_forced(db: Store) -> None:
+    transport = MemoryTransport()
+    mailer = make_mailer(db, transport)
+    p = b2b("a@x.example")
+    first = await mailer.send(p, CAMPAIGN)
+    second = await mailer.send(b2b("A@X.EXAMPLE"), CAMPAIGN)  # same key, other spelling
+    follow_up = await mailer.send(p, CAMPAIGN.model_copy(update={"step": 2}))
+    forced = await mailer.send(p, CAMPAIGN, force=True)
+    await mailer.close()
+    assert [o.status for o in (first, second, follow_up, forced)] == [
+        "sent",
+        "duplicate",
+        "sent",
+        "sent",
+    ]
+    assert second.message_id == first.message_id
+    assert len(transport.sent) == 3
+
+
+async def test_concurrent_mailers_send_once(db_url: str) -> None:
+    """Two mailers (own engines, like two processes) racing on one list: each address once."""
+    transport = MemoryTransport()
+    async with Store.connect(db_url) as s1, Store.connect(db_url) as s2:
+        m1, m2 = make_mailer(s1, transport), make_mailer(s2, transport)
+        people = [b2b(f"p{i}@x.example") for i in range(30)]
+        r1, r2 = await asyncio.gather(
+            m1.send_many(people, CAMPAIGN, concurrency=5),
+            m2.send_many(people, CAMPAIGN, concurrency=5),
+        )
+        await m1.close()
+        await m2.close()
+    assert r1.counts["sent"] + r2.counts["sent"] == 30
+    assert r1.counts["duplicate"] + r2.counts["duplicate"] == 30
+    assert sorted(r for s in transport.sent for r in s.recipients) == sorted(
+        p.email for p in people
+    )
+
+
+async def test_server_dies_mid_batch_no_false_sent_and_resume_sends_each_once(
+    db: Store, smtpd_server: SMTPTestServer
+) -> None:
+    people = [b2b(f"p{i:02}@x.example") for i in range(12)]
+    transport = SMTPTransport(smtpd_server.host, smtpd_server.port, timeout=2)
+    mailer = make_mailer(db, transport, concurrency=1)
+    outcomes: list[Outcome] = []
+    async for o in mailer.iter_send(people, CAMPAIGN, chunk_size=4):
+        outcomes.append(o)
+        if len(outcomes) == 5:
+            await smtpd_server.stop()  # the server dies mid-batch
+    sent = {o.email for o in outcomes if o.status == "sent"}
+    received = {r for m in smtpd_server.messages for r in m.rcpt_tos}
+    assert sent == received  # never `sent` for mail the server did not accept
+    assert len(sent) == 5
+    assert {o.status for o in outcomes[5:]} == {"deferred"}
+    assert all(o.smtp_code is None and o.detail for o in outcomes[5:])
+
+    await smtpd_server.start()
+    summary = await mailer.send_many(people, CAMPAIGN)
+    await mailer.close()
+    await transport.close()
+    assert summary.counts == {"sent": 7, "duplicate": 5}
+    all_rcpts = [r for m in smtpd_server.messages for r in m.rcpt_tos]
+    assert sorted(all_rcpts) == sorted(p.email for p in people)  # each exactly once
+    statuses = [e.status for e in await db.audit.events()]
+    assert statuses.count("deferred") == 7
+    assert (await db.audit.verify()).ok
+
+
+@pytest.mark.smtp_fault("rcpt_5xx")
+async def test_permanent_refusal_is_failed(db: Store, smtp: SMTPTransport) -> None:
+    mailer = make_mailer(db, smtp)
+    outcome = await mailer.send(b2b("a@x.example"), CAMPAIGN)
+    await mailer.close()
+    assert outcome.status == "failed"
+    assert outcome.smtp_code is not None
+    assert outcome.smtp_code >= 500
+    statuses = [e.status for e in await db.audit.events(send_id=outcome.send_id)]
+    assert statuses == ["pending", "failed"]
+
+
+async def test_store_failure_fails_closed(tmp_path: Path) -> None:
+    path = tmp_path / "pm.db"
+    transport = MemoryTransport()
+    async with Store.connect(f"sqlite+aiosqlite:///{path}") as store:
+        mailer = make_mailer(store, transport)
+        con = sqlite3.connect(path)
+        con.execute("DROP TABLE suppression")  # the store breaks under the mailer
+        con.commit()
+        con.close()
+        outcome = await mailer.send(b2b("a@x.example"), CAMPAIGN)
+        await mailer.close()
+    assert outcome.status == "failed"
+    assert "store" in outcome.detail
+    assert transport.sent == []  # nothing sent unchecked
+
+
+async def test_template_error_fails_that_recipient_only(db: Store) -> None:
+    transport = MemoryTransport()
+    mailer = make_mailer(db, transport)
+    bad = CAMPAIGN.model_copy(update={"text_template": "{{ prospect.nope.deeper }}"})
+    outcome = await mailer.send(b2b("a@x.example"), bad)
+    await mailer.close()
+    assert outcome.status == "failed"
+    assert "composed" in outcome.detail
+    assert transport.sent == []
+    # the claim was released: fixing the template and re-running sends it
+    mailer = make_mailer(db, transport)
+    assert (await mailer.send(b2b("a@x.example"), CAMPAIGN)).status == "sent"
+    await mailer.close()
+
+
+async def test_send_many_async_iterable_progress_and_concurrency(
+    db: Store, smtpd_server: SMTPTestServer
+) -> None:
+    async def stream() -> AsyncIterator[Prospect]:
+        for i in range(25):
+            yield b2b(f"p{i}@x.example", job_function="CTO" if i % 5 else "Chef")
+
+    seen: list[tuple[str, int]] = []
+    transport = SMTPTransport(smtpd_server.host, smtpd_server.port, pool_size=3)
+    mailer = make_mailer(db, transport)
+    summary = await mailer.send_many(
+        stream(),
+        CAMPAIGN,
+        concurrency=3,
+        chunk_size=7,
+        progress=lambda o, s: seen.append((o.status, s.total)),
+    )
+    await mailer.close()
+    await transport.close()
+    assert summary.counts == {"sent": 20, "blocked": 5}
+    assert summary.blocked_by_rule["FR_B2B_PROFESSIONAL_RELEVANCE"] == 5
+    assert [t for _, t in seen] == list(range(1, 26))
+    assert smtpd_server.connections <= 3
+    assert len(smtpd_server.messages) == 20
+
+
+async def test_send_many_memory_is_flat(tmp_path: Path) -> None:
+    """Streaming: memory per extra prospect stays far below the size of one prospect.
+
+    Retaining each Prospect/Outcome would cost well over 1 KB a recipient; pydantic-core keeps
+    a bounded string cache (about 1 MB at most), so the slope, not the ratio, is what is tested.
+    """
+
+    def people(n: int) -> Iterator[Prospect]:
+        for i in range(n):
+            yield b2b(f"p{i}@x.example", job_function="Chef")  # blocked: exercises the pipeline
+
+    peaks = {}
+    for n in (500, 4000):
+        async with Store.connect(f"sqlite+aiosqlite:///{tmp_path / f'{n}.db'}") as store:
+            mailer = make_mailer(store, MemoryTransport())
+            tracemalloc.start()
+            summary = await mailer.send_many(people(n), CAMPAIGN, chunk_size=100)
+            peaks[n] = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            await mailer.close()
+        assert summary.counts["blocked"] == n
+    per_prospect = (peaks[4000] - peaks[500]) / 3500
+    assert per_prospect < 250, (peaks, per_prospect)
+
+
+async def test_from_settings_defaults_to_outbox(tmp_path: Path) -> None:
+    settings = load_settings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'pm.db'}",
+        outbox_dir=tmp_path / "outbox",
+        secret_key_file=tmp_path / "key",
+    )
+    async with await ProspectMailer.from_settings(settings) as mailer:
+        outcome = await mailer.send(b2b("a@x.example"), CAMPAIGN)
+    assert outcome.status == "sent"
+    assert "written to" in outcome.smtp_reply
+    (eml,) = (tmp_path / "outbox").glob("*.eml")
+    msg = parse(eml.read_bytes())
+    assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert oct((tmp_path / "key").stat().st_mode & 0o777) == "0o600"
+
+
+async def test_smtp_without_base_url_is_refused(tmp_path: Path) -> None:
+    from prospect_mailer.errors import ConfigError
+
+    settings = load_settings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'pm.db'}",
+        smtp_url="smtp://127.0.0.1:1",
+        secret_key="x" * 32,
+    )
+    with pytest.raises(ConfigError, match="BASE_URL"):
+        await ProspectMailer.from_settings(settings)
+
+
+def test_custom_footer_templates_are_used(tmp_path: Path) -> None:
+    assert FooterRenderer([tmp_path])  # an empty folder falls back to the built-in footers
