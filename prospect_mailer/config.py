@@ -45,6 +45,8 @@ class Settings(BaseSettings):
         outbox_dir: where the outbox transport writes ``.eml`` files.
         mailto_domain: domain of the ``unsubscribe+TOKEN@`` address in List-Unsubscribe
             (default: the host of ``base_url``).
+        bounce_domain: when set, the envelope sender is ``bounce+TOKEN@bounce_domain`` (VERP),
+            so bounces and complaints resolve to the send; unset: the campaign's From.
         template_dirs: folders searched for footer templates before the built-in ones.
         concurrency: messages in flight at once in ``send_many``.
     """
@@ -61,6 +63,7 @@ class Settings(BaseSettings):
     smtp_timeout: float = Field(default=30.0, gt=0)
     outbox_dir: Path = Path("outbox")
     mailto_domain: str | None = None
+    bounce_domain: str | None = None
     template_dirs: list[Path] = Field(default_factory=list)
     concurrency: int = Field(default=10, ge=1, le=1000)
     role_names: list[str] = Field(default_factory=list)

@@ -35,6 +35,7 @@ from .errors import (
     TransportError,
     TransportPermanentError,
 )
+from .mime import parse_message
 from .models import Campaign, Decision, Outcome, Prospect
 from .store import AuditEvent, AuditWriter, ClaimStatus, Store, SuppressionHit
 from .tokens import TokenSigner, UnsubscribeToken
@@ -75,10 +76,19 @@ class SendSummary:
 
 
 @dataclass(frozen=True, slots=True)
+class _Options:
+    force: bool = False
+    dry_run: bool = False
+    message: EmailMessage | None = None  # the caller's message (relay) instead of templates
+    message_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class _Item:
     prospect: Prospect
     address: NormalisedAddress
     facts: policy.Facts
+    claim_status: str | None = None  # only looked up for dry runs
 
 
 class ProspectMailer:
@@ -94,6 +104,8 @@ class ProspectMailer:
         signer: unsubscribe-token signer.
         base_url: public HTTPS base of the unsubscribe handler.
         mailto_domain: domain of the ``unsubscribe+TOKEN@`` address, or ``None`` for none.
+        bounce_domain: domain of the VERP envelope sender ``bounce+TOKEN@`` (``None``: the
+            campaign's From address is the envelope sender).
         renderer: footer renderer (default templates unless given).
         classifier: role-address classifier.
         concurrency: messages in flight at once in :meth:`send_many`.
@@ -109,6 +121,7 @@ class ProspectMailer:
         signer: TokenSigner,
         base_url: str,
         mailto_domain: str | None = None,
+        bounce_domain: str | None = None,
         renderer: FooterRenderer | None = None,
         classifier: RoleClassifier | None = None,
         concurrency: int = 10,
@@ -125,6 +138,7 @@ class ProspectMailer:
         self.signer = signer
         self.base_url = base_url.rstrip("/")
         self.mailto_domain = mailto_domain
+        self.bounce_domain = bounce_domain
         self.renderer = renderer or FooterRenderer()
         self.classifier = classifier or RoleClassifier()
         self.concurrency = concurrency
@@ -162,6 +176,7 @@ class ProspectMailer:
             signer=signer,
             base_url=s.base_url,
             mailto_domain=s.unsubscribe_mailto_domain,
+            bounce_domain=s.bounce_domain,
             renderer=FooterRenderer(s.template_dirs),
             classifier=RoleClassifier(extra_names=frozenset(s.role_names)),
             concurrency=s.concurrency,
@@ -187,7 +202,16 @@ class ProspectMailer:
 
     # -- public API -----------------------------------------------------------------------------
 
-    async def send(self, prospect: Prospect, campaign: Campaign, *, force: bool = False) -> Outcome:
+    async def send(
+        self,
+        prospect: Prospect,
+        campaign: Campaign,
+        *,
+        force: bool = False,
+        dry_run: bool = False,
+        message: EmailMessage | bytes | None = None,
+        message_key: str = "",
+    ) -> Outcome:
         """Decide and, if allowed, send one message.
 
         A blocked recipient is an :class:`Outcome` with ``status="blocked"``, not an exception.
@@ -196,8 +220,21 @@ class ProspectMailer:
             prospect: the recipient.
             campaign: the campaign (step) to send.
             force: send again even if this campaign step was already sent to this recipient.
+            dry_run: decide exactly as a real send would (suppression, rules, retention,
+                idempotency) but send and record nothing; an allowed recipient comes back
+                with ``status="allowed"``.
+            message: send this message (e.g. one an SMTP client handed to the relay) instead
+                of rendering the campaign's templates. The compliance step still applies.
+            message_key: part of the idempotency key; the relay passes the Message-ID so that
+                a client's retry of one message is a duplicate, not a new campaign step.
+
+        Raises:
+            InvalidMessageError: ``message`` cannot be processed safely.
         """
-        async for outcome in self.iter_send([prospect], campaign, force=force):
+        # Parsed (and its headers checked for CVE-2024-6923 style CR/LF) before any decision.
+        parsed = parse_message(message) if message is not None else None
+        options = _Options(force=force, dry_run=dry_run, message=parsed, message_key=message_key)
+        async for outcome in self._iter([prospect], campaign, options, None, 1):
             return outcome
         raise AssertionError("unreachable: one prospect gives one outcome")  # pragma: no cover
 
@@ -209,6 +246,7 @@ class ProspectMailer:
         concurrency: int | None = None,
         progress: ProgressCallback | None = None,
         force: bool = False,
+        dry_run: bool = False,
         chunk_size: int = 200,
     ) -> SendSummary:
         """Send ``campaign`` to a stream of prospects of any length, in constant memory.
@@ -221,7 +259,12 @@ class ProspectMailer:
         """
         summary = SendSummary()
         async for outcome in self.iter_send(
-            prospects, campaign, concurrency=concurrency, force=force, chunk_size=chunk_size
+            prospects,
+            campaign,
+            concurrency=concurrency,
+            force=force,
+            dry_run=dry_run,
+            chunk_size=chunk_size,
         ):
             summary.add(outcome)
             if progress is not None:
@@ -235,14 +278,29 @@ class ProspectMailer:
         *,
         concurrency: int | None = None,
         force: bool = False,
+        dry_run: bool = False,
         chunk_size: int = 200,
     ) -> AsyncIterator[Outcome]:
         """Like :meth:`send_many`, yielding each :class:`Outcome` (chunk by chunk, in order)."""
+        options = _Options(force=force, dry_run=dry_run)
+        async for outcome in self._iter(prospects, campaign, options, concurrency, chunk_size):
+            yield outcome
+
+    async def _iter(
+        self,
+        prospects: Iterable[Prospect] | AsyncIterable[Prospect],
+        campaign: Campaign,
+        options: _Options,
+        concurrency: int | None,
+        chunk_size: int,
+    ) -> AsyncIterator[Outcome]:
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be at least 1")
         limit = asyncio.Semaphore(concurrency or self.concurrency)
         async for chunk in _chunks(prospects, chunk_size):
-            items_or_failures = await self._gather_facts(chunk, campaign)
+            items_or_failures = await self._gather_facts(chunk, campaign, options)
             tasks = [
-                asyncio.ensure_future(self._one(item, campaign, force, limit))
+                asyncio.ensure_future(self._one(item, campaign, options, limit))
                 if isinstance(item, _Item)
                 else None
                 for item in items_or_failures
@@ -264,7 +322,7 @@ class ProspectMailer:
     # -- pipeline -------------------------------------------------------------------------------
 
     async def _gather_facts(
-        self, chunk: Sequence[Prospect], campaign: Campaign
+        self, chunk: Sequence[Prospect], campaign: Campaign, options: _Options
     ) -> list[_Item | Outcome]:
         """One suppression query and one prior-contact query for the whole chunk."""
         addresses = [p.address for p in chunk]
@@ -274,9 +332,15 @@ class ProspectMailer:
             keys.update(dk)
         try:
             hits = await self.store.suppression.lookup(sorted(keys))
-            prior = await self.store.claims.prior_contacts(
-                campaign.advertiser.id, sorted({a.key_hash for a in addresses})
-            )
+            hashes = sorted({a.key_hash for a in addresses})
+            prior = await self.store.claims.prior_contacts(campaign.advertiser.id, hashes)
+            claimed: dict[str, str] = {}
+            if options.dry_run:
+                claimed = dict(
+                    await self.store.claims.statuses(
+                        campaign.id, campaign.step, hashes, message_key=options.message_key
+                    )
+                )
         except StoreError as exc:
             # Fail closed: without the suppression list nothing may be sent.
             log.error("store unavailable, %d recipients not sent: %s", len(chunk), exc)
@@ -301,16 +365,40 @@ class ProspectMailer:
                 role_address=self.classifier.is_role(a),
                 classifier_version=self.classifier.version,
             )
-            items.append(_Item(prospect=p, address=a, facts=facts))
+            items.append(
+                _Item(prospect=p, address=a, facts=facts, claim_status=claimed.get(a.key_hash))
+            )
         return items
 
     async def _one(
-        self, item: _Item, campaign: Campaign, force: bool, limit: asyncio.Semaphore
+        self, item: _Item, campaign: Campaign, options: _Options, limit: asyncio.Semaphore
     ) -> Outcome:
         async with limit:
-            return await self._process(item, campaign, force)
+            if options.dry_run:
+                return self._dry_run(item, campaign, options)
+            return await self._process(item, campaign, options)
 
-    async def _process(self, item: _Item, campaign: Campaign, force: bool) -> Outcome:
+    def _dry_run(self, item: _Item, campaign: Campaign, options: _Options) -> Outcome:
+        p = item.prospect
+        decision = policy.decide(p, campaign, item.facts, self.clock())
+        if not decision.allowed:
+            return Outcome(
+                email=p.email,
+                status="blocked",
+                rule_ids=decision.blocked_by,
+                detail=policy.explain(decision),
+            )
+        if item.claim_status in ("pending", "sent") and not options.force:
+            return Outcome(
+                email=p.email,
+                status="duplicate",
+                detail=f"already {item.claim_status} for campaign {campaign.id} "
+                f"step {campaign.step}; would not be sent again",
+            )
+        warnings = "; ".join(f"{w.rule_id}: {w.reason}" for w in decision.warnings)
+        return Outcome(email=p.email, status="allowed", detail=warnings)
+
+    async def _process(self, item: _Item, campaign: Campaign, options: _Options) -> Outcome:
         p, a = item.prospect, item.address
         now = self.clock()
         decision = policy.decide(p, campaign, item.facts, now)
@@ -332,7 +420,8 @@ class ProspectMailer:
                 recipient_hash=a.key_hash,
                 advertiser_id=campaign.advertiser.id,
                 send_id=send_id,
-                force=force,
+                force=options.force,
+                message_key=options.message_key,
             )
         except StoreError as exc:
             return await self._store_failed(base, p, send_id, exc)
@@ -349,10 +438,12 @@ class ProspectMailer:
                 f"step {campaign.step}; not sent again",
             )
         try:
-            message, token_id, template_hash = self._compose(item, campaign, decision, send_id, now)
+            message, token_id, template_hash = self._compose(
+                item, campaign, decision, send_id, now, options.message
+            )
         except (ConfigError, InvalidInputError, TemplateError, UnicodeError) as exc:
             detail = f"message could not be composed: {exc}"
-            await self._finish(campaign, a, send_id, "failed", None)
+            await self._finish(campaign, a, send_id, "failed", None, options.message_key)
             await self._audit_quietly(base, status="failed", extra={"error": detail})
             return Outcome(email=p.email, status="failed", send_id=send_id, detail=detail)
         message_id = str(message["Message-ID"])
@@ -362,17 +453,17 @@ class ProspectMailer:
             # Durable before the transport is called: a crash leaves an honest `pending`.
             await self._audit(base, status="pending", extra=extra)
         except StoreError as exc:
-            await self._finish(campaign, a, send_id, "failed", message_id)
+            await self._finish(campaign, a, send_id, "failed", message_id, options.message_key)
             return await self._store_failed(base, p, send_id, exc)
         try:
             delivery = await self.transport.send(
-                message, sender=campaign.from_address, recipients=[p.email]
+                message, sender=self.envelope_sender(campaign, send_id), recipients=[p.email]
             )
         except TransportError as exc:
             status: Literal["failed", "deferred"] = (
                 "failed" if isinstance(exc, TransportPermanentError) else "deferred"
             )
-            await self._finish(campaign, a, send_id, status, message_id)
+            await self._finish(campaign, a, send_id, status, message_id, options.message_key)
             await self._audit_quietly(
                 base, status=status, extra={"smtp_code": exc.code, "smtp_reply": exc.reply}
             )
@@ -394,6 +485,7 @@ class ProspectMailer:
                 send_id=send_id,
                 status="sent",
                 message_id=message_id,
+                message_key=options.message_key,
             )
             await self._audit(
                 base,
@@ -420,6 +512,50 @@ class ProspectMailer:
         """The HTTPS one-click URL for a token."""
         return f"{self.base_url}/unsubscribe/{token}"
 
+    def _render(self, p: Prospect, campaign: Campaign, url: str, locale: str) -> EmailMessage:
+        """Build the campaign's message for one prospect from its Jinja2 templates."""
+        context: dict[str, Any] = {
+            "prospect": p,
+            "campaign": campaign,
+            "advertiser": campaign.advertiser,
+            "unsubscribe_url": url,
+            "locale": locale,
+        }
+        msg = EmailMessage()
+        msg["Subject"] = campaign.subject
+        msg["From"] = Address(display_name=campaign.from_name, addr_spec=campaign.from_address)
+        msg["To"] = Address(display_name=p.name or "", addr_spec=p.email)
+        if campaign.reply_to:
+            msg["Reply-To"] = campaign.reply_to
+        text = (
+            self.renderer.render_string(campaign.text_template, context, html=False)
+            if campaign.text_template
+            else None
+        )
+        html = (
+            self.renderer.render_string(campaign.html_template, context, html=True)
+            if campaign.html_template
+            else None
+        )
+        if text is not None:
+            msg.set_content(text, subtype="plain", charset="utf-8", cte="quoted-printable")
+            if html is not None:
+                msg.add_alternative(html, subtype="html", charset="utf-8", cte="quoted-printable")
+        else:
+            assert html is not None
+            msg.set_content(html, subtype="html", charset="utf-8", cte="quoted-printable")
+        return msg
+
+    def envelope_sender(self, campaign: Campaign, send_id: str) -> str:
+        """MAIL FROM for a send: a VERP ``bounce+TOKEN@`` address when a bounce domain is set.
+
+        The token names the send, so a bounce or complaint received there resolves to the
+        recipient without trusting anything in the bounce itself.
+        """
+        if self.bounce_domain:
+            return f"bounce+{self.signer.make_short(send_id)}@{self.bounce_domain}"
+        return campaign.from_address
+
     def _compose(
         self,
         item: _Item,
@@ -427,6 +563,7 @@ class ProspectMailer:
         decision: Decision,
         send_id: str,
         now: datetime,
+        given: EmailMessage | None,
     ) -> tuple[EmailMessage, str, str]:
         p = item.prospect
         locale = p.locale or campaign.locale
@@ -445,40 +582,14 @@ class ProspectMailer:
             if self.mailto_domain
             else None
         )
-        context: dict[str, Any] = {
-            "prospect": p,
-            "campaign": campaign,
-            "advertiser": campaign.advertiser,
-            "unsubscribe_url": url,
-            "locale": locale,
-        }
-        msg = EmailMessage()
-        msg["Subject"] = campaign.subject
-        msg["From"] = Address(display_name=campaign.from_name, addr_spec=campaign.from_address)
-        msg["To"] = Address(display_name=p.name or "", addr_spec=p.email)
-        if campaign.reply_to:
-            msg["Reply-To"] = campaign.reply_to
         from_domain = normalise(campaign.from_address).domain
-        # Short enough never to be folded, and it names the send: a bounce quoting it leads
-        # straight to the audit record.
-        msg["Message-ID"] = f"<{send_id}@{from_domain}>"
-        text = (
-            self.renderer.render_string(campaign.text_template, context, html=False)
-            if campaign.text_template
-            else None
-        )
-        html = (
-            self.renderer.render_string(campaign.html_template, context, html=True)
-            if campaign.html_template
-            else None
-        )
-        if text is not None:
-            msg.set_content(text, subtype="plain", charset="utf-8", cte="quoted-printable")
-            if html is not None:
-                msg.add_alternative(html, subtype="html", charset="utf-8", cte="quoted-printable")
+        if given is not None:
+            msg = given  # apply_compliance works on a copy; the caller's headers are kept
         else:
-            assert html is not None
-            msg.set_content(html, subtype="html", charset="utf-8", cte="quoted-printable")
+            msg = self._render(p, campaign, url, locale)
+            # Short enough never to be folded, and it names the send: a bounce quoting it
+            # leads straight to the audit record.
+            msg["Message-ID"] = f"<{send_id}@{from_domain}>"
         collected: date | None = p.collected_at.date() if p.collected_at else None
         footers = self.renderer.render(
             FooterContext(
@@ -583,6 +694,7 @@ class ProspectMailer:
         send_id: str,
         status: ClaimStatus,
         message_id: str | None,
+        message_key: str,
     ) -> None:
         try:
             await self.store.claims.finish(
@@ -592,6 +704,7 @@ class ProspectMailer:
                 send_id=send_id,
                 status=status,
                 message_id=message_id,
+                message_key=message_key,
             )
         except StoreError as exc:
             log.error("claim %s could not be marked %s: %s", send_id, status, exc)

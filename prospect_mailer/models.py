@@ -45,7 +45,7 @@ LegalBasis = Literal["consent", "soft_opt_in", "legitimate_interest"]
 SourceType = Literal["direct", "partner", "broker", "public"]
 Purpose = Literal["prospecting", "transactional"]
 Locale = Literal["fr", "en"]
-OutcomeStatus = Literal["sent", "blocked", "failed", "deferred", "duplicate"]
+OutcomeStatus = Literal["sent", "blocked", "failed", "deferred", "duplicate", "allowed"]
 RuleOutcome = Literal["pass", "fail", "not_applicable", "warn"]
 SuppressionScope = Literal["global", "advertiser", "campaign"]
 SuppressionReason = Literal["unsubscribe", "complaint", "hard_bounce", "manual", "import"]
@@ -242,7 +242,8 @@ class Outcome(_Model):
     ``status``: ``sent`` (the transport accepted it), ``blocked`` (a rule refused it; see
     ``rule_ids``), ``failed`` (permanent transport refusal or store failure), ``deferred``
     (temporary transport failure: safe to retry), ``duplicate`` (this campaign step was already
-    sent, or is pending, for this recipient; nothing sent again).
+    sent, or is pending, for this recipient; nothing sent again), ``allowed`` (dry runs only:
+    every check passed and the message would be sent).
     """
 
     email: str

@@ -100,6 +100,7 @@ async def test_details_never_hold_addresses_or_bodies(store: Store) -> None:
                 details={
                     "smtp_reply": "550 5.1.1 <jane.doe@example.com>: Recipient address rejected",
                     "nested": [{"note": "cc: Bob.Smith@Corp.example.org"}],
+                    "idn": "to jäne@exämple.fr",
                     "in_reply_to_message_id": "<abc@mail.example>",
                 },
             )
@@ -109,6 +110,7 @@ async def test_details_never_hold_addresses_or_bodies(store: Store) -> None:
         record.details["smtp_reply"] == "550 5.1.1 <j***@example.com>: Recipient address rejected"
     )
     assert record.details["nested"] == [{"note": "cc: B***@Corp.example.org"}]
+    assert record.details["idn"] == "to j***@exämple.fr"
     assert record.details["in_reply_to_message_id"] == "<abc@mail.example>"
     for key in ("body", "email", "Address", "html", "token", "password"):
         with pytest.raises(InvalidInputError, match="may not contain"):

@@ -10,7 +10,7 @@ import pytest
 from store_fixtures import OpenStore
 
 from prospect_mailer.errors import InvalidInputError
-from prospect_mailer.store import ClaimResult, Store
+from prospect_mailer.store import ClaimResult, ClaimStatus, Store
 
 R1 = hashlib.sha256(b"one@example.com").hexdigest()
 R2 = hashlib.sha256(b"two@example.com").hexdigest()
@@ -51,22 +51,22 @@ async def test_finish_requires_the_claim_holder(store: Store) -> None:
 
 
 @pytest.mark.parametrize("status", ["failed", "deferred"])
-async def test_retryable_claims_are_taken_over(store: Store, status: str) -> None:
+async def test_retryable_claims_are_taken_over(store: Store, status: ClaimStatus) -> None:
     await _claim(store, "s1")
-    await store.claims.finish(**KEY, send_id="s1", status=status)  # type: ignore[arg-type]
+    await store.claims.finish(**KEY, send_id="s1", status=status)
     retry = await _claim(store, "s2")
     assert retry == ClaimResult(
         claimed=True, existing_status=status, existing_send_id="s1", taken_over=True
-    )  # type: ignore[arg-type]
+    )
     assert not await store.claims.finish(**KEY, send_id="s1", status="sent")  # s1 lost it
     assert await store.claims.finish(**KEY, send_id="s2", status="sent", message_id="<m2@x>")
     assert await store.claims.statuses("spring", 1, [R1]) == {R1: "sent"}
 
 
 @pytest.mark.parametrize("status", ["blocked", "sent", "pending"])
-async def test_force_takes_over_any_claim(store: Store, status: str) -> None:
+async def test_force_takes_over_any_claim(store: Store, status: ClaimStatus) -> None:
     await _claim(store, "s1")
-    await store.claims.finish(**KEY, send_id="s1", status=status)  # type: ignore[arg-type]
+    await store.claims.finish(**KEY, send_id="s1", status=status)
     assert not (await _claim(store, "s2")).claimed
     forced = await _claim(store, "s3", force=True)
     assert (forced.claimed, forced.taken_over, forced.existing_status) == (True, True, status)

@@ -14,7 +14,7 @@ from prospect_mailer.store import Store
 
 
 def _prospect(email: str, **fields: object) -> Prospect:
-    return Prospect(email=email, **fields)  # type: ignore[arg-type]
+    return Prospect.model_validate({"email": email, **fields})
 
 
 async def test_upsert_get_replace_delete(store: Store) -> None:

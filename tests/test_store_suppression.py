@@ -15,6 +15,7 @@ from store_fixtures import OpenStore
 
 from prospect_mailer.addresses import domain_key, domain_keys_for, normalise
 from prospect_mailer.errors import InvalidAddressError, InvalidInputError
+from prospect_mailer.models import SuppressionScope
 from prospect_mailer.store import Store, SuppressionHit
 
 
@@ -165,15 +166,16 @@ async def test_created_at_override_keeps_the_objection_date(store: Store) -> Non
 async def test_remove_by_scope_and_value(store: Store) -> None:
     s = store.suppression
     key = normalise("rm@example.com").key_hash
-    for scope, value in (
+    entries: list[tuple[SuppressionScope, str]] = [
         ("global", ""),
         ("advertiser", "a"),
         ("advertiser", "b"),
         ("campaign", "c"),
-    ):
+    ]
+    for scope, value in entries:
         await s.add_hashes(
             [key], kind="address", scope=scope, scope_value=value, reason="manual", source="cli"
-        )  # type: ignore[arg-type]
+        )
     assert await s.remove(key, kind="domain") == 0
     assert await s.remove(key, kind="address", scope="advertiser", scope_value="b") == 1
     assert await s.remove(key, kind="address", scope="advertiser") == 1

@@ -14,7 +14,7 @@ failure surfaces as :class:`~prospect_mailer.errors.StoreError`.
 from .audit import AuditLog
 from .audit_records import GENESIS_HASH, AuditEvent, AuditRecord, VerifyResult, chain_hash
 from .audit_writer import AuditWriter
-from .claims import CLAIM_STATUSES, ClaimResult, ClaimStatus, SendClaims
+from .claims import CLAIM_STATUSES, ClaimRecord, ClaimResult, ClaimStatus, SendClaims
 from .core import CURRENT_SCHEMA_VERSION, Store
 from .engine import parse_url, sqlite_url, translate_errors
 from .prospects import ProspectRegistry
@@ -39,6 +39,7 @@ __all__ = [
     "AuditLog",
     "AuditRecord",
     "AuditWriter",
+    "ClaimRecord",
     "ClaimResult",
     "ClaimStatus",
     "ProspectRegistry",

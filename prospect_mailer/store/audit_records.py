@@ -41,7 +41,7 @@ _MASKED = re.compile(r"[^@\s]?\*\*\*@[^@\s]+")
 _RULE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 # Something that looks like an e-mail address inside free text (an SMTP reply often echoes
 # the recipient): masked before it reaches the log.
-_ADDRESS_IN_TEXT = re.compile(r"([^\s@<>()\[\],;:\"']+)@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)")
+_ADDRESS_IN_TEXT = re.compile(r"([^\s@<>()\[\],;:\"']+)@([\w-]+(?:\.[\w-]+)+)")
 _FORBIDDEN_DETAIL_KEYS = frozenset({"body", "html", "email", "address", "password", "token"})
 _MAX_DETAILS = 64 * 1024
 

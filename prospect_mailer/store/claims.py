@@ -1,4 +1,7 @@
-"""Send claims: the idempotency key ``(campaign_id, step, recipient_hash)`` (DESIGN.md).
+"""Send claims: the idempotency key ``(campaign_id, step, recipient_hash, message_key)``.
+
+``message_key`` is ``""`` for library sends (DESIGN.md: a campaign step goes to a recipient
+once) and the Message-ID for the relay (a client's retry of the same message is a duplicate).
 
 A send is *claimed* (``pending``) durably before the message is handed to the transport, then
 *finished* (``sent``, ``failed``, ``deferred`` or ``blocked``). A crash in between leaves
@@ -26,7 +29,7 @@ from .engine import Database
 from .suppression import check_hash
 from .tables import SEND_CLAIMS
 
-__all__ = ["CLAIM_STATUSES", "ClaimResult", "ClaimStatus", "SendClaims"]
+__all__ = ["CLAIM_STATUSES", "ClaimRecord", "ClaimResult", "ClaimStatus", "SendClaims"]
 
 ClaimStatus = Literal["pending", "sent", "failed", "deferred", "blocked"]
 CLAIM_STATUSES: tuple[str, ...] = get_args(ClaimStatus)
@@ -56,6 +59,29 @@ class ClaimResult:
     taken_over: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimRecord:
+    """A stored claim, as found by :meth:`SendClaims.by_send_id`."""
+
+    campaign_id: str
+    step: int
+    recipient_hash: str
+    message_key: str
+    advertiser_id: str
+    status: ClaimStatus
+    send_id: str
+    message_id: str | None
+
+
+def _check_message_key(message_key: str) -> None:
+    if (
+        not isinstance(message_key, str)
+        or len(message_key) > 255
+        or any(c in message_key for c in "\r\n\x00")
+    ):
+        raise InvalidInputError(f"message_key must be at most 255 characters: {message_key!r:.80}")
+
+
 def _check_key(campaign_id: str, step: int, recipient_hash: str) -> None:
     if not isinstance(campaign_id, str) or not _ID.fullmatch(campaign_id):
         raise InvalidInputError(f"campaign_id must be 1-128 printable characters: {campaign_id!r}")
@@ -76,12 +102,15 @@ class SendClaims:
         self._db = db
 
     @staticmethod
-    def _key(campaign_id: str, step: int, recipient_hash: str) -> ColumnElement[bool]:
+    def _key(
+        campaign_id: str, step: int, recipient_hash: str, message_key: str
+    ) -> ColumnElement[bool]:
         t = SEND_CLAIMS
         return and_(
             t.c.campaign_id == campaign_id,
             t.c.step == step,
             t.c.recipient_hash == recipient_hash,
+            t.c.message_key == message_key,
         )
 
     async def claim(
@@ -93,6 +122,7 @@ class SendClaims:
         advertiser_id: str,
         send_id: str,
         force: bool = False,
+        message_key: str = "",
     ) -> ClaimResult:
         """Atomically claim the send of ``(campaign_id, step, recipient_hash)`` for ``send_id``.
 
@@ -104,11 +134,12 @@ class SendClaims:
             StoreError: the database failed (the caller must not send).
         """
         _check_key(campaign_id, step, recipient_hash)
+        _check_message_key(message_key)
         _check_id("advertiser_id", advertiser_id)
         _check_id("send_id", send_id)
         t = SEND_CLAIMS
         now = datetime.now(UTC)
-        key = self._key(campaign_id, step, recipient_hash)
+        key = self._key(campaign_id, step, recipient_hash, message_key)
         current = select(t.c.status, t.c.send_id, t.c.message_id).where(key)
         async with self._db.transaction("claiming a send") as conn:
             # A write first: on SQLite it takes the write lock, so the read below is current.
@@ -118,6 +149,7 @@ class SendClaims:
                     campaign_id=campaign_id,
                     step=step,
                     recipient_hash=recipient_hash,
+                    message_key=message_key,
                     advertiser_id=advertiser_id,
                     status="pending",
                     send_id=send_id,
@@ -172,6 +204,7 @@ class SendClaims:
         send_id: str,
         status: ClaimStatus,
         message_id: str | None = None,
+        message_key: str = "",
     ) -> bool:
         """Record the end of a send: only the holder of the claim (``send_id``) may.
 
@@ -188,7 +221,10 @@ class SendClaims:
         t = SEND_CLAIMS
         stmt = (
             update(t)
-            .where(self._key(campaign_id, step, recipient_hash), t.c.send_id == send_id)
+            .where(
+                self._key(campaign_id, step, recipient_hash, message_key),
+                t.c.send_id == send_id,
+            )
             .values(status=status, message_id=message_id, updated_at=datetime.now(UTC))
             .returning(t.c.id)
         )
@@ -222,7 +258,12 @@ class SendClaims:
         return found
 
     async def statuses(
-        self, campaign_id: str, step: int, recipient_hashes: Sequence[str]
+        self,
+        campaign_id: str,
+        step: int,
+        recipient_hashes: Sequence[str],
+        *,
+        message_key: str = "",
     ) -> dict[str, ClaimStatus]:
         """``{recipient_hash: status}`` of the existing claims of one campaign step.
 
@@ -239,8 +280,44 @@ class SendClaims:
                 stmt = select(t.c.recipient_hash, t.c.status).where(
                     t.c.campaign_id == campaign_id,
                     t.c.step == step,
+                    t.c.message_key == message_key,
                     t.c.recipient_hash.in_(wanted[start : start + _CHUNK]),
                 )
                 for key, status in await conn.execute(stmt):
                     found[key] = cast(ClaimStatus, status)
         return found
+
+    async def by_send_id(self, send_id_or_prefix: str) -> ClaimRecord | None:
+        """The claim whose send id is (or starts with, for 20+ hex digits) the given value.
+
+        Used to resolve a short mailto/VERP token, which names the send by its first 20 hex
+        digits. Returns ``None`` when nothing matches.
+
+        Raises:
+            InvalidInputError: not 20 to 64 lower-case hex digits.
+            StoreError: the database failed.
+        """
+        if not re.fullmatch(r"[0-9a-f]{20,64}", send_id_or_prefix or ""):
+            raise InvalidInputError("a send id (prefix) is 20 to 64 lower-case hex digits")
+        t = SEND_CLAIMS
+        # The LIKE pattern holds hex digits only: nothing to escape.
+        stmt = (
+            select(t)
+            .where(t.c.send_id.like(send_id_or_prefix + "%"))
+            .order_by(t.c.updated_at.desc())
+            .limit(1)
+        )
+        async with self._db.connection("finding a send claim") as conn:
+            row = (await conn.execute(stmt)).first()
+        if row is None:
+            return None
+        return ClaimRecord(
+            campaign_id=row.campaign_id,
+            step=row.step,
+            recipient_hash=row.recipient_hash,
+            message_key=row.message_key,
+            advertiser_id=row.advertiser_id,
+            status=cast(ClaimStatus, row.status),
+            send_id=row.send_id,
+            message_id=row.message_id,
+        )

@@ -127,18 +127,26 @@ class AuditEventRow(SQLModel, table=True):
 
 
 class SendClaimRow(SQLModel, table=True):
-    """The idempotency key of a send: one row per (campaign, step, recipient)."""
+    """The idempotency key of a send: one row per (campaign, step, recipient, message key).
+
+    ``message_key`` is empty for the library (a campaign step goes once to a recipient) and
+    the Message-ID for the SMTP relay (a client's retry of one message is the duplicate).
+    """
 
     __tablename__ = "send_claims"
     __table_args__ = (
-        UniqueConstraint("campaign_id", "step", "recipient_hash", name="uq_send_claims_key"),
+        UniqueConstraint(
+            "campaign_id", "step", "recipient_hash", "message_key", name="uq_send_claims_key"
+        ),
         Index("ix_send_claims_recipient", "recipient_hash", "advertiser_id"),
+        Index("ix_send_claims_send_id", "send_id"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
     campaign_id: str = Field(max_length=128)
     step: int
     recipient_hash: str = Field(max_length=_HASH)
+    message_key: str = Field(default="", max_length=255)
     advertiser_id: str = Field(max_length=128)
     status: str = Field(max_length=16)
     send_id: str = Field(max_length=64)
