@@ -18,7 +18,6 @@ from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from email.headerregistry import Address
 from email.message import EmailMessage
 from typing import Any, Literal, Self
 
@@ -35,9 +34,17 @@ from .errors import (
     TransportError,
     TransportPermanentError,
 )
+from .fastmime import compose_bytes
 from .mime import parse_message
 from .models import Campaign, Decision, Outcome, Prospect
-from .store import AuditEvent, AuditWriter, ClaimStatus, Store, SuppressionHit
+from .store import (
+    AuditEvent,
+    ClaimRequest,
+    ClaimStatus,
+    FinishRequest,
+    Store,
+    SuppressionHit,
+)
 from .tokens import TokenSigner, UnsubscribeToken
 from .transport import OutboxTransport, SMTPTransport, Transport
 
@@ -145,7 +152,6 @@ class ProspectMailer:
         self.clock = clock
         self.transport_label = transport_label
         self._owns = owns_resources
-        self._writer: AuditWriter | None = None
 
     @classmethod
     async def from_settings(cls, settings: Settings | None = None) -> ProspectMailer:
@@ -185,9 +191,6 @@ class ProspectMailer:
 
     async def close(self) -> None:
         """Flush the audit log; close the transport and the store if this mailer opened them."""
-        if self._writer is not None:
-            writer, self._writer = self._writer, None
-            await writer.close()
         if self._owns:
             try:
                 await self.transport.close()
@@ -297,29 +300,10 @@ class ProspectMailer:
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
         limit = asyncio.Semaphore(concurrency or self.concurrency)
+        finisher = _Finisher(self.store)
         async for chunk in _chunks(prospects, chunk_size):
-            items_or_failures = await self._gather_facts(chunk, campaign, options)
-            tasks = [
-                asyncio.ensure_future(self._one(item, campaign, options, limit))
-                if isinstance(item, _Item)
-                else None
-                for item in items_or_failures
-            ]
-            try:
-                for item, task in zip(items_or_failures, tasks, strict=True):
-                    if task is None:
-                        assert isinstance(item, Outcome)
-                        yield item
-                    else:
-                        yield await task
-            finally:
-                # Stopped early (Ctrl-C, consumer break): let no send run on unobserved.
-                pending = [t for t in tasks if t is not None and not t.done()]
-                for t in pending:
-                    t.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-
-    # -- pipeline -------------------------------------------------------------------------------
+            async for outcome in self._chunk(chunk, campaign, options, limit, finisher):
+                yield outcome
 
     async def _gather_facts(
         self, chunk: Sequence[Prospect], campaign: Campaign, options: _Options
@@ -370,14 +354,6 @@ class ProspectMailer:
             )
         return items
 
-    async def _one(
-        self, item: _Item, campaign: Campaign, options: _Options, limit: asyncio.Semaphore
-    ) -> Outcome:
-        async with limit:
-            if options.dry_run:
-                return self._dry_run(item, campaign, options)
-            return await self._process(item, campaign, options)
-
     def _dry_run(self, item: _Item, campaign: Campaign, options: _Options) -> Outcome:
         p = item.prospect
         decision = policy.decide(p, campaign, item.facts, self.clock())
@@ -398,109 +374,214 @@ class ProspectMailer:
         warnings = "; ".join(f"{w.rule_id}: {w.reason}" for w in decision.warnings)
         return Outcome(email=p.email, status="allowed", detail=warnings)
 
-    async def _process(self, item: _Item, campaign: Campaign, options: _Options) -> Outcome:
-        p, a = item.prospect, item.address
+    async def _chunk(
+        self,
+        chunk: Sequence[Prospect],
+        campaign: Campaign,
+        options: _Options,
+        limit: asyncio.Semaphore,
+        finisher: _Finisher,
+    ) -> AsyncIterator[Outcome]:
+        """One chunk: facts, decisions, claims and audit in a few transactions, then sends.
+
+        Database work is batched per chunk (two reads, one claim transaction, one audit
+        transaction); only the sends run one by one, with bounded concurrency, and their
+        results are group-committed by the finisher.
+        """
+        items = await self._gather_facts(chunk, campaign, options)
+        if options.dry_run:
+            for item in items:
+                yield item if isinstance(item, Outcome) else self._dry_run(item, campaign, options)
+            return
         now = self.clock()
-        decision = policy.decide(p, campaign, item.facts, now)
-        send_id = uuid.uuid4().hex
-        base = _audit_base(self, item, campaign, decision, send_id)
-        if not decision.allowed:
-            await self._audit_quietly(base, status="blocked", rule_ids=decision.blocked_by)
-            return Outcome(
-                email=p.email,
-                status="blocked",
-                rule_ids=decision.blocked_by,
-                send_id=send_id,
-                detail=policy.explain(decision),
+        slots: list[Outcome | _Plan] = []
+        events: list[AuditEvent] = []
+        allowed: list[_Plan] = []
+        for item in items:
+            if isinstance(item, Outcome):
+                slots.append(item)
+                continue
+            decision = policy.decide(item.prospect, campaign, item.facts, now)
+            plan = _Plan(
+                item, decision, uuid.uuid4().hex, _audit_base(self, item, campaign, decision)
             )
+            if decision.allowed:
+                allowed.append(plan)
+                slots.append(plan)
+            else:
+                events.append(plan.event("blocked", rule_ids=decision.blocked_by))
+                slots.append(
+                    Outcome(
+                        email=item.prospect.email,
+                        status="blocked",
+                        rule_ids=decision.blocked_by,
+                        send_id=plan.send_id,
+                        detail=policy.explain(decision),
+                    )
+                )
+        await self._claim_and_compose(allowed, campaign, options, now, events)
         try:
-            claim = await self.store.claims.claim(
+            # Durable before any transport is called: blocks, duplicates and `pending`.
+            if events:
+                await self.store.audit.append(events)
+        except StoreError as exc:
+            log.error("audit unavailable, %d recipients not sent: %s", len(allowed), exc)
+            failed = [p for p in allowed if p.message is not None]
+            await self._release(failed, campaign, options)
+            for p in failed:
+                p.final = _failed(p, f"store failed, not sent: {exc}")
+            for p in allowed:
+                p.message = None
+        tasks: list[asyncio.Future[Outcome] | None] = []
+        for slot in slots:
+            if isinstance(slot, _Plan) and slot.final is None and slot.message is not None:
+                tasks.append(
+                    asyncio.ensure_future(self._deliver(slot, campaign, options, limit, finisher))
+                )
+            else:
+                tasks.append(None)
+        try:
+            for slot, task in zip(slots, tasks, strict=True):
+                if task is not None:
+                    yield await task
+                elif isinstance(slot, Outcome):
+                    yield slot
+                else:
+                    assert slot.final is not None
+                    yield slot.final
+        finally:
+            # Stopped early (Ctrl-C, consumer break): let no send run on unobserved.
+            pending = [t for t in tasks if t is not None and not t.done()]
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _claim_and_compose(
+        self,
+        allowed: list[_Plan],
+        campaign: Campaign,
+        options: _Options,
+        now: datetime,
+        events: list[AuditEvent],
+    ) -> None:
+        """Claim every allowed send in one transaction, then compose the claimed ones."""
+        if not allowed:
+            return
+        requests = [
+            ClaimRequest(
                 campaign_id=campaign.id,
                 step=campaign.step,
-                recipient_hash=a.key_hash,
+                recipient_hash=p.item.address.key_hash,
                 advertiser_id=campaign.advertiser.id,
-                send_id=send_id,
-                force=options.force,
+                send_id=p.send_id,
                 message_key=options.message_key,
             )
+            for p in allowed
+        ]
+        try:
+            claims = await self.store.claims.claim_many(requests, force=options.force)
         except StoreError as exc:
-            return await self._store_failed(base, p, send_id, exc)
-        if not claim.claimed:
-            await self._audit_quietly(
-                base, status="duplicate", extra={"existing_send_id": claim.existing_send_id}
-            )
-            return Outcome(
-                email=p.email,
-                status="duplicate",
-                send_id=claim.existing_send_id,
-                message_id=claim.existing_message_id,
-                detail=f"already {claim.existing_status} for campaign {campaign.id} "
-                f"step {campaign.step}; not sent again",
-            )
+            log.error("claims unavailable, %d recipients not sent: %s", len(allowed), exc)
+            for p in allowed:
+                p.final = _failed(p, f"store failed, not sent: {exc}")
+                events.append(p.event("failed", extra={"error": str(exc)}))
+            return
+        compose_failed: list[_Plan] = []
+        for p, claim in zip(allowed, claims, strict=True):
+            if not claim.claimed:
+                events.append(
+                    p.event("duplicate", extra={"existing_send_id": claim.existing_send_id})
+                )
+                p.final = Outcome(
+                    email=p.item.prospect.email,
+                    status="duplicate",
+                    send_id=claim.existing_send_id,
+                    message_id=claim.existing_message_id,
+                    detail=f"already {claim.existing_status} for campaign {campaign.id} "
+                    f"step {campaign.step}; not sent again",
+                )
+                continue
+            try:
+                message, message_id, token_id, template_hash = self._compose(
+                    p.item, campaign, p.decision, p.send_id, now, options.message
+                )
+            except (ConfigError, InvalidInputError, TemplateError, UnicodeError) as exc:
+                detail = f"message could not be composed: {exc}"
+                events.append(p.event("failed", extra={"error": detail}))
+                p.final = _failed(p, detail)
+                compose_failed.append(p)
+                continue
+            p.message = message
+            p.message_id = message_id
+            p.base = p.base | {"message_id": p.message_id}
+            p.extra = {"token_id": token_id, "footer_template_hash": template_hash}
+            events.append(p.event("pending", extra=p.extra))
+        # A claim whose message could not be built is released for a later retry.
+        await self._release(compose_failed, campaign, options)
+
+    async def _release(self, plans: Sequence[_Plan], campaign: Campaign, options: _Options) -> None:
+        """Mark claims ``failed`` (retryable); a store failure here is only logged."""
+        if not plans:
+            return
         try:
-            message, token_id, template_hash = self._compose(
-                item, campaign, decision, send_id, now, options.message
+            await self.store.claims.finish_many(
+                [p.finish_request(campaign, options, "failed") for p in plans]
             )
-        except (ConfigError, InvalidInputError, TemplateError, UnicodeError) as exc:
-            detail = f"message could not be composed: {exc}"
-            await self._finish(campaign, a, send_id, "failed", None, options.message_key)
-            await self._audit_quietly(base, status="failed", extra={"error": detail})
-            return Outcome(email=p.email, status="failed", send_id=send_id, detail=detail)
-        message_id = str(message["Message-ID"])
-        base = base | {"message_id": message_id}
-        extra = {"token_id": token_id, "footer_template_hash": template_hash}
-        try:
-            # Durable before the transport is called: a crash leaves an honest `pending`.
-            await self._audit(base, status="pending", extra=extra)
         except StoreError as exc:
-            await self._finish(campaign, a, send_id, "failed", message_id, options.message_key)
-            return await self._store_failed(base, p, send_id, exc)
-        try:
-            delivery = await self.transport.send(
-                message, sender=self.envelope_sender(campaign, send_id), recipients=[p.email]
-            )
-        except TransportError as exc:
-            status: Literal["failed", "deferred"] = (
-                "failed" if isinstance(exc, TransportPermanentError) else "deferred"
-            )
-            await self._finish(campaign, a, send_id, status, message_id, options.message_key)
-            await self._audit_quietly(
-                base, status=status, extra={"smtp_code": exc.code, "smtp_reply": exc.reply}
-            )
-            return Outcome(
-                email=p.email,
-                status=status,
-                send_id=send_id,
-                message_id=message_id,
-                smtp_code=exc.code,
-                smtp_reply=exc.reply,
-                detail=str(exc),
-            )
+            log.error("%d claims could not be released: %s", len(plans), exc)
+
+    async def _deliver(
+        self,
+        p: _Plan,
+        campaign: Campaign,
+        options: _Options,
+        limit: asyncio.Semaphore,
+        finisher: _Finisher,
+    ) -> Outcome:
+        assert p.message is not None
+        email_addr = p.item.prospect.email
+        async with limit:
+            try:
+                delivery = await self.transport.send(
+                    p.message,
+                    sender=self.envelope_sender(campaign, p.send_id),
+                    recipients=[email_addr],
+                )
+            except TransportError as exc:
+                status: Literal["failed", "deferred"] = (
+                    "failed" if isinstance(exc, TransportPermanentError) else "deferred"
+                )
+                try:
+                    await finisher.submit(
+                        p.finish_request(campaign, options, status),
+                        p.event(status, extra={"smtp_code": exc.code, "smtp_reply": exc.reply}),
+                    )
+                except StoreError as store_exc:
+                    log.error("%s: could not record %s: %s", p.send_id, status, store_exc)
+                return Outcome(
+                    email=email_addr,
+                    status=status,
+                    send_id=p.send_id,
+                    message_id=p.message_id,
+                    smtp_code=exc.code,
+                    smtp_reply=exc.reply,
+                    detail=str(exc),
+                )
         detail = ""
         try:
-            await self.store.claims.finish(
-                campaign_id=campaign.id,
-                step=campaign.step,
-                recipient_hash=a.key_hash,
-                send_id=send_id,
-                status="sent",
-                message_id=message_id,
-                message_key=options.message_key,
-            )
-            await self._audit(
-                base,
-                status="sent",
-                extra={"smtp_code": delivery.code, "smtp_reply": delivery.reply},
+            await finisher.submit(
+                p.finish_request(campaign, options, "sent"),
+                p.event("sent", extra={"smtp_code": delivery.code, "smtp_reply": delivery.reply}),
             )
         except StoreError as exc:
             # The server accepted the mail: it *was* sent. Say so, and that the record lags.
             detail = f"sent, but recording it failed (claim stays pending): {exc}"
-            log.error("%s: %s", send_id, detail)
+            log.error("%s: %s", p.send_id, detail)
         return Outcome(
-            email=p.email,
+            email=email_addr,
             status="sent",
-            send_id=send_id,
-            message_id=message_id,
+            send_id=p.send_id,
+            message_id=p.message_id,
             smtp_code=delivery.code,
             smtp_reply=delivery.reply,
             detail=detail,
@@ -512,8 +593,10 @@ class ProspectMailer:
         """The HTTPS one-click URL for a token."""
         return f"{self.base_url}/unsubscribe/{token}"
 
-    def _render(self, p: Prospect, campaign: Campaign, url: str, locale: str) -> EmailMessage:
-        """Build the campaign's message for one prospect from its Jinja2 templates."""
+    def _render_bodies(
+        self, p: Prospect, campaign: Campaign, url: str, locale: str
+    ) -> tuple[str | None, str | None]:
+        """Render the campaign's text and HTML templates for one prospect."""
         context: dict[str, Any] = {
             "prospect": p,
             "campaign": campaign,
@@ -521,12 +604,6 @@ class ProspectMailer:
             "unsubscribe_url": url,
             "locale": locale,
         }
-        msg = EmailMessage()
-        msg["Subject"] = campaign.subject
-        msg["From"] = Address(display_name=campaign.from_name, addr_spec=campaign.from_address)
-        msg["To"] = Address(display_name=p.name or "", addr_spec=p.email)
-        if campaign.reply_to:
-            msg["Reply-To"] = campaign.reply_to
         text = (
             self.renderer.render_string(campaign.text_template, context, html=False)
             if campaign.text_template
@@ -537,14 +614,7 @@ class ProspectMailer:
             if campaign.html_template
             else None
         )
-        if text is not None:
-            msg.set_content(text, subtype="plain", charset="utf-8", cte="quoted-printable")
-            if html is not None:
-                msg.add_alternative(html, subtype="html", charset="utf-8", cte="quoted-printable")
-        else:
-            assert html is not None
-            msg.set_content(html, subtype="html", charset="utf-8", cte="quoted-printable")
-        return msg
+        return text, html
 
     def envelope_sender(self, campaign: Campaign, send_id: str) -> str:
         """MAIL FROM for a send: a VERP ``bounce+TOKEN@`` address when a bounce domain is set.
@@ -564,7 +634,7 @@ class ProspectMailer:
         send_id: str,
         now: datetime,
         given: EmailMessage | None,
-    ) -> tuple[EmailMessage, str, str]:
+    ) -> tuple[EmailMessage | bytes, str, str, str]:
         p = item.prospect
         locale = p.locale or campaign.locale
         token = self.signer.make(
@@ -583,13 +653,6 @@ class ProspectMailer:
             else None
         )
         from_domain = normalise(campaign.from_address).domain
-        if given is not None:
-            msg = given  # apply_compliance works on a copy; the caller's headers are kept
-        else:
-            msg = self._render(p, campaign, url, locale)
-            # Short enough never to be folded, and it names the send: a bounce quoting it
-            # leads straight to the audit record.
-            msg["Message-ID"] = f"<{send_id}@{from_domain}>"
         collected: date | None = p.collected_at.date() if p.collected_at else None
         footers = self.renderer.render(
             FooterContext(
@@ -608,106 +671,145 @@ class ProspectMailer:
                 recipient_name=p.name,
             )
         )
-        final = apply_compliance(
-            msg,
-            footers,
+        token_id = self.signer.token_id(token)
+        if given is not None:
+            # Someone else's MIME (the relay): inject into every text part of a copy.
+            final = apply_compliance(
+                given,
+                footers,
+                list_unsubscribe_url=url,
+                list_unsubscribe_mailto=mailto,
+                message_id_domain=from_domain,
+                now=now,
+            )
+            return final, str(final["Message-ID"]), token_id, footers.template_hash
+        # Our own message: footers joined to the rendered bodies, MIME written once.
+        text, html = self._render_bodies(p, campaign, url, locale)
+        # Short enough never to be folded, and it names the send: a bounce quoting it leads
+        # straight to the audit record.
+        message_id = f"<{send_id}@{from_domain}>"
+        data = compose_bytes(
+            from_name=campaign.from_name,
+            from_address=campaign.from_address,
+            to_name=p.name or "",
+            to_address=p.email,
+            subject=campaign.subject,
+            reply_to=campaign.reply_to,
+            message_id=message_id,
+            now=now,
+            text=text,
+            html=html,
+            footers=footers,
             list_unsubscribe_url=url,
             list_unsubscribe_mailto=mailto,
-            message_id_domain=from_domain,
-            now=now,
         )
-        return final, self.signer.token_id(token), footers.template_hash
+        return data, message_id, token_id, footers.template_hash
 
     # -- records --------------------------------------------------------------------------------
-
-    async def _audit(
-        self,
-        base: dict[str, Any],
-        *,
-        status: str,
-        rule_ids: Sequence[str] = (),
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        details = dict(base["details"])
-        if extra:
-            details.update({k: v for k, v in extra.items() if v is not None})
-        event = AuditEvent(
-            **{k: v for k, v in base.items() if k != "details"},
-            status=status,
-            rule_ids=tuple(rule_ids),
-            details=details,
-        )
-        if self._writer is None:
-            # Group commit: concurrent sends share one transaction (and one fsync) per batch,
-            # and each caller resumes only once its own record is durable.
-            self._writer = self.store.audit.writer()
-            self._writer.start()
-        await self._writer.write(event)
-
-    async def _audit_quietly(
-        self,
-        base: dict[str, Any],
-        *,
-        status: str,
-        rule_ids: Sequence[str] = (),
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        """Record an event whose failure must not change the outcome (nothing was sent)."""
-        try:
-            await self._audit(base, status=status, rule_ids=rule_ids, extra=extra)
-        except StoreError as exc:
-            log.error("audit record %s for %s lost: %s", status, base.get("send_id"), exc)
 
     async def _try_audit_store_failure(
         self, chunk: Sequence[Prospect], campaign: Campaign, exc: StoreError
     ) -> None:
-        for p in chunk:
-            base = {
-                "send_id": uuid.uuid4().hex,
-                "kind": "send",
-                "campaign_id": campaign.id,
-                "step": campaign.step,
-                "advertiser_id": campaign.advertiser.id,
-                "purpose": campaign.purpose,
-                "recipient_hash": p.address.key_hash,
-                "recipient_masked": p.address.masked,
-                "transport": self.transport_label,
-                "details": {"error": f"store unavailable: {exc}"},
-            }
-            try:
-                await self._audit(base, status="failed", rule_ids=("SUPP_CHECK_AT_SEND",))
-            except StoreError:
-                return  # the store is down: the log line above is all that can be written
-
-    async def _store_failed(
-        self, base: dict[str, Any], p: Prospect, send_id: str, exc: StoreError
-    ) -> Outcome:
-        await self._audit_quietly(base, status="failed", extra={"error": str(exc)})
-        return Outcome(
-            email=p.email, status="failed", send_id=send_id, detail=f"store failed, not sent: {exc}"
-        )
-
-    async def _finish(
-        self,
-        campaign: Campaign,
-        a: NormalisedAddress,
-        send_id: str,
-        status: ClaimStatus,
-        message_id: str | None,
-        message_key: str,
-    ) -> None:
-        try:
-            await self.store.claims.finish(
+        events = [
+            AuditEvent(
+                kind="send",
+                status="failed",
+                send_id=uuid.uuid4().hex,
                 campaign_id=campaign.id,
                 step=campaign.step,
-                recipient_hash=a.key_hash,
-                send_id=send_id,
-                status=status,
-                message_id=message_id,
-                message_key=message_key,
+                advertiser_id=campaign.advertiser.id,
+                purpose=campaign.purpose,
+                recipient_hash=p.address.key_hash,
+                recipient_masked=p.address.masked,
+                transport=self.transport_label,
+                rule_ids=("SUPP_CHECK_AT_SEND",),
+                details={"error": f"store unavailable: {exc}"},
             )
-        except StoreError as exc:
-            log.error("claim %s could not be marked %s: %s", send_id, status, exc)
+            for p in chunk
+        ]
+        try:
+            await self.store.audit.append(events)
+        except StoreError:
+            return  # the store is down: the log line is all that can be written
+
+
+@dataclass(eq=False)
+class _Plan:
+    """One allowed or blocked recipient of a chunk, as it moves through the pipeline."""
+
+    item: _Item
+    decision: Decision
+    send_id: str
+    base: dict[str, Any]
+    message: EmailMessage | bytes | None = None
+    message_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    final: Outcome | None = None
+
+    def event(
+        self, status: str, *, rule_ids: Sequence[str] = (), extra: dict[str, Any] | None = None
+    ) -> AuditEvent:
+        details = dict(self.base["details"])
+        if extra:
+            details.update({k: v for k, v in extra.items() if v is not None})
+        fields = {k: v for k, v in self.base.items() if k != "details"}
+        return AuditEvent(
+            **fields,
+            send_id=self.send_id,
+            status=status,
+            rule_ids=tuple(rule_ids),
+            details=details,
+        )
+
+    def finish_request(
+        self, campaign: Campaign, options: _Options, status: ClaimStatus
+    ) -> FinishRequest:
+        return FinishRequest(
+            campaign_id=campaign.id,
+            step=campaign.step,
+            recipient_hash=self.item.address.key_hash,
+            send_id=self.send_id,
+            status=status,
+            message_id=self.message_id,
+            message_key=options.message_key,
+        )
+
+
+def _failed(p: _Plan, detail: str) -> Outcome:
+    return Outcome(email=p.item.prospect.email, status="failed", send_id=p.send_id, detail=detail)
+
+
+class _Finisher:
+    """Group commit of send results: claim updates and audit records of whatever finished
+    while the previous batch was committing go in one pair of transactions. Each caller
+    resumes only once its own records are durable."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._queue: list[tuple[FinishRequest, AuditEvent, asyncio.Future[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, request: FinishRequest, event: AuditEvent) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((request, event, future))
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._drain())
+        await asyncio.shield(future)
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                await self._store.claims.finish_many([r for r, _, _ in batch])
+                await self._store.audit.append([e for _, e, _ in batch])
+            except Exception as exc:
+                for _, _, f in batch:
+                    if not f.done():
+                        f.set_exception(exc)
+            else:
+                for _, _, f in batch:
+                    if not f.done():
+                        f.set_result(None)
 
 
 def _match(hit: SuppressionHit) -> policy.SuppressionMatch:
@@ -717,12 +819,11 @@ def _match(hit: SuppressionHit) -> policy.SuppressionMatch:
 
 
 def _audit_base(
-    mailer: ProspectMailer, item: _Item, campaign: Campaign, decision: Decision, send_id: str
+    mailer: ProspectMailer, item: _Item, campaign: Campaign, decision: Decision
 ) -> dict[str, Any]:
     """The audit fields of RULES.md section G that are known once the decision is made."""
     p = item.prospect
     return {
-        "send_id": send_id,
         "kind": "send",
         "campaign_id": campaign.id,
         "step": campaign.step,

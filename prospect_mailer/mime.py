@@ -32,8 +32,10 @@ __all__ = [
     "OUTPUT_POLICY",
     "CommaFoldedHeader",
     "add_footer",
+    "append_text_footer",
     "check_headers_safe",
     "footable_parts",
+    "insert_html_footer",
     "parse_message",
 ]
 
@@ -248,9 +250,7 @@ def add_footer(part: EmailMessage, footer: str) -> None:
         footer = footer.encode(codec, "xmlcharrefreplace").decode(codec)
         body = _insert_html(body, footer)
     else:
-        if body and not body.endswith(("\n", "\r")):
-            body += newline
-        body = body + newline + footer if body else footer
+        body = append_text_footer(body, footer, newline)
         try:
             footer.encode(codec)
         except UnicodeEncodeError:
@@ -263,6 +263,18 @@ def add_footer(part: EmailMessage, footer: str) -> None:
             if cte != "base64":
                 cte = "quoted-printable"
     _set_body(part, body.encode(codec, "surrogateescape"), cte)
+
+
+def insert_html_footer(body: str, footer: str) -> str:
+    """Insert ``footer`` before the last ``</body>``, else the last ``</html>``, else at the end."""
+    return _insert_html(body, footer)
+
+
+def append_text_footer(body: str, footer: str, newline: str = "\n") -> str:
+    """Append ``footer`` to a text body on a new line, after one blank line."""
+    if body and not body.endswith(("\n", "\r")):
+        body += newline
+    return body + newline + footer if body else footer
 
 
 def _insert_html(body: str, footer: str) -> str:

@@ -142,6 +142,13 @@ class Prospect(_Model):
     def _empty_is_unknown(cls, v: str | None) -> str | None:
         return v or None
 
+    @field_validator("name")
+    @classmethod
+    def _one_line(cls, v: str | None) -> str | None:
+        if v is not None and any(c in v for c in "\r\n\x00"):
+            raise ValueError("must not contain a line break")  # it goes into the To: header
+        return v
+
     @property
     def address(self) -> NormalisedAddress:
         """The normalised address (computed on demand; the model stays small)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import email
 import email.errors
 import email.policy
 import os
@@ -72,7 +73,7 @@ class Transport(Protocol):
     name: str
 
     async def send(
-        self, message: EmailMessage, *, sender: str, recipients: Sequence[str]
+        self, message: EmailMessage | bytes, *, sender: str, recipients: Sequence[str]
     ) -> Delivery:
         """Deliver ``message`` to ``recipients`` with envelope sender ``sender``.
 
@@ -135,13 +136,17 @@ class _SMTPOptions(TypedDict, total=False):
     local_hostname: str | None
 
 
-def wire_bytes(message: EmailMessage) -> bytes:
+def wire_bytes(message: EmailMessage | bytes) -> bytes:
     """Serialise ``message`` as sent on the wire (CRLF), with the message's own policy.
+
+    Bytes are taken as already in wire form (the library's fast path writes them so).
 
     ``email.policy.SMTP`` (what aiosmtplib's ``send_message`` uses) re-wraps every header longer
     than 78 characters, so attachment headers would not come out byte-identical; the compliance
     step's policy never refolds a header it parsed.
     """
+    if isinstance(message, bytes | bytearray):
+        return bytes(message)
     if "Bcc" in message or "Resent-Bcc" in message:
         # Blind copies travel in the envelope only; never in the header (RFC 5322 3.6.3).
         message = copy.deepcopy(message)
@@ -299,7 +304,7 @@ class SMTPTransport:
         await self.close()
 
     async def send(
-        self, message: EmailMessage, *, sender: str, recipients: Sequence[str]
+        self, message: EmailMessage | bytes, *, sender: str, recipients: Sequence[str]
     ) -> Delivery:
         """Send ``message`` with the given envelope (``Bcc`` headers are not transmitted).
 
@@ -471,7 +476,7 @@ class OutboxTransport:
         return f"OutboxTransport(directory={str(self.directory)!r})"
 
     async def send(
-        self, message: EmailMessage, *, sender: str, recipients: Sequence[str]
+        self, message: EmailMessage | bytes, *, sender: str, recipients: Sequence[str]
     ) -> Delivery:
         """Write ``message`` to the outbox; ``sender`` and ``recipients`` are only checked.
 
@@ -485,7 +490,7 @@ class OutboxTransport:
             data = wire_bytes(message)
         except (ValueError, email.errors.MessageError) as exc:
             raise TransportPermanentError(f"outbox: cannot serialise message: {exc}") from exc
-        stem = _safe_stem(message.get("Message-ID"))
+        stem = _safe_stem(_message_id(message))
         try:
             path = await asyncio.to_thread(self._write, data, stem)
         except OSError as exc:
@@ -524,6 +529,18 @@ class OutboxTransport:
         return target
 
 
+_MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(<[^>\r\n]{1,250}>)", re.IGNORECASE | re.MULTILINE)
+
+
+def _message_id(message: EmailMessage | bytes) -> str | None:
+    if isinstance(message, bytes | bytearray):
+        head = bytes(message).split(b"\r\n\r\n", 1)[0]
+        m = _MESSAGE_ID.search(head)
+        return m.group(1).decode("ascii", "replace") if m else None
+    value = message.get("Message-ID")
+    return None if value is None else str(value)
+
+
 def _safe_stem(message_id: str | None) -> str:
     stem = re.sub(r"[^A-Za-z0-9._@+=-]", "_", (message_id or "").strip().strip("<>"))[:100]
     return stem.lstrip(".") or uuid.uuid4().hex
@@ -559,7 +576,7 @@ class MemoryTransport:
             )
 
     async def send(
-        self, message: EmailMessage, *, sender: str, recipients: Sequence[str]
+        self, message: EmailMessage | bytes, *, sender: str, recipients: Sequence[str]
     ) -> Delivery:
         """Record the message, or raise the next failure set with :meth:`fail_next`.
 
@@ -570,6 +587,12 @@ class MemoryTransport:
         rcpts = _check_envelope(sender, recipients)
         if self._failures:
             raise self._failures.pop(0)
+        if isinstance(message, bytes | bytearray):
+            # Local line ends, as a receiving MTA would hand the message on.
+            local = bytes(message).replace(b"\r\n", b"\n")
+            parsed = email.message_from_bytes(local, policy=email.policy.default)
+            assert isinstance(parsed, EmailMessage)
+            message = parsed
         self.sent.append(SentMessage(sender, tuple(rcpts), message))
         return Delivery(code=250, reply="kept in memory", transport=self.name)
 

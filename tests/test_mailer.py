@@ -312,19 +312,21 @@ async def test_server_dies_mid_batch_no_false_sent_and_resume_sends_each_once(
     sent = {o.email for o in outcomes if o.status == "sent"}
     received = {r for m in smtpd_server.messages for r in m.rcpt_tos}
     assert sent == received  # never `sent` for mail the server did not accept
-    assert len(sent) == 5
-    assert {o.status for o in outcomes[5:]} == {"deferred"}
-    assert all(o.smtp_code is None and o.detail for o in outcomes[5:])
+    # sends already in flight when the server died may complete; the rest must be deferred
+    assert 5 <= len(sent) < 12
+    deferred = [o for o in outcomes if o.status == "deferred"]
+    assert len(sent) + len(deferred) == 12
+    assert all(o.smtp_code is None and o.detail for o in deferred)
 
     await smtpd_server.start()
     summary = await mailer.send_many(people, CAMPAIGN)
     await mailer.close()
     await transport.close()
-    assert summary.counts == {"sent": 7, "duplicate": 5}
+    assert summary.counts == {"sent": len(deferred), "duplicate": len(sent)}
     all_rcpts = [r for m in smtpd_server.messages for r in m.rcpt_tos]
     assert sorted(all_rcpts) == sorted(p.email for p in people)  # each exactly once
     statuses = [e.status for e in await db.audit.events()]
-    assert statuses.count("deferred") == 7
+    assert statuses.count("deferred") == len(deferred)
     assert (await db.audit.verify()).ok
 
 

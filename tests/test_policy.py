@@ -426,3 +426,10 @@ def test_property_decision_is_consistent(p: Prospect, role: bool, prior: bool) -
     # an individual (effective type) is only allowed with consent or full soft opt-in
     if d.allowed and d.effective_recipient_type == "individual":
         assert p.legal_basis in ("consent", "soft_opt_in")
+
+
+def test_prospect_name_with_line_break_refused() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="name"):
+        b2c(name="Jean\r\nBcc: victim@x.example")

@@ -14,7 +14,15 @@ failure surfaces as :class:`~prospect_mailer.errors.StoreError`.
 from .audit import AuditLog
 from .audit_records import GENESIS_HASH, AuditEvent, AuditRecord, VerifyResult, chain_hash
 from .audit_writer import AuditWriter
-from .claims import CLAIM_STATUSES, ClaimRecord, ClaimResult, ClaimStatus, SendClaims
+from .claims import (
+    CLAIM_STATUSES,
+    ClaimRecord,
+    ClaimRequest,
+    ClaimResult,
+    ClaimStatus,
+    FinishRequest,
+    SendClaims,
+)
 from .core import CURRENT_SCHEMA_VERSION, Store
 from .engine import parse_url, sqlite_url, translate_errors
 from .prospects import ProspectRegistry
@@ -40,8 +48,10 @@ __all__ = [
     "AuditRecord",
     "AuditWriter",
     "ClaimRecord",
+    "ClaimRequest",
     "ClaimResult",
     "ClaimStatus",
+    "FinishRequest",
     "ProspectRegistry",
     "SendClaims",
     "Store",

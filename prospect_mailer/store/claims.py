@@ -29,7 +29,15 @@ from .engine import Database
 from .suppression import check_hash
 from .tables import SEND_CLAIMS
 
-__all__ = ["CLAIM_STATUSES", "ClaimRecord", "ClaimResult", "ClaimStatus", "SendClaims"]
+__all__ = [
+    "CLAIM_STATUSES",
+    "ClaimRecord",
+    "ClaimRequest",
+    "ClaimResult",
+    "ClaimStatus",
+    "FinishRequest",
+    "SendClaims",
+]
 
 ClaimStatus = Literal["pending", "sent", "failed", "deferred", "blocked"]
 CLAIM_STATUSES: tuple[str, ...] = get_args(ClaimStatus)
@@ -71,6 +79,31 @@ class ClaimRecord:
     status: ClaimStatus
     send_id: str
     message_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """One send to claim in :meth:`SendClaims.claim_many`."""
+
+    campaign_id: str
+    step: int
+    recipient_hash: str
+    advertiser_id: str
+    send_id: str
+    message_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FinishRequest:
+    """One claim to finish in :meth:`SendClaims.finish_many`."""
+
+    campaign_id: str
+    step: int
+    recipient_hash: str
+    send_id: str
+    status: ClaimStatus
+    message_id: str | None = None
+    message_key: str = ""
 
 
 def _check_message_key(message_key: str) -> None:
@@ -230,6 +263,126 @@ class SendClaims:
         )
         async with self._db.transaction("finishing a send claim") as conn:
             return (await conn.execute(stmt)).first() is not None
+
+    async def claim_many(
+        self, requests: Sequence[ClaimRequest], *, force: bool = False
+    ) -> list[ClaimResult]:
+        """Claim many sends at once; results are in the order of ``requests``.
+
+        New claims go in one multi-row ``INSERT ... ON CONFLICT DO NOTHING`` per 100 rows
+        (one transaction); only the keys that already had a claim fall back to
+        :meth:`claim` (a retry takes over ``failed``/``deferred``, else a duplicate). A key
+        repeated within ``requests`` is claimed once; its repeats are duplicates of it.
+
+        Raises:
+            InvalidInputError: a malformed key or id.
+            StoreError: the database failed (the caller must not send).
+        """
+        for r in requests:
+            _check_key(r.campaign_id, r.step, r.recipient_hash)
+            _check_message_key(r.message_key)
+            _check_id("advertiser_id", r.advertiser_id)
+            _check_id("send_id", r.send_id)
+        if force:
+            return [
+                await self.claim(
+                    campaign_id=r.campaign_id,
+                    step=r.step,
+                    recipient_hash=r.recipient_hash,
+                    advertiser_id=r.advertiser_id,
+                    send_id=r.send_id,
+                    force=True,
+                    message_key=r.message_key,
+                )
+                for r in requests
+            ]
+        t = SEND_CLAIMS
+        now = datetime.now(UTC)
+        first: dict[tuple[str, int, str, str], ClaimRequest] = {}
+        for r in requests:
+            first.setdefault((r.campaign_id, r.step, r.recipient_hash, r.message_key), r)
+        unique = list(first.values())
+        inserted: set[str] = set()
+        async with self._db.transaction("claiming sends") as conn:
+            for start in range(0, len(unique), 100):
+                rows = [
+                    {
+                        "campaign_id": r.campaign_id,
+                        "step": r.step,
+                        "recipient_hash": r.recipient_hash,
+                        "message_key": r.message_key,
+                        "advertiser_id": r.advertiser_id,
+                        "status": "pending",
+                        "send_id": r.send_id,
+                        "message_id": None,
+                        "updated_at": now,
+                    }
+                    for r in unique[start : start + 100]
+                ]
+                result = await conn.execute(
+                    self._db.insert(t).values(rows).on_conflict_do_nothing().returning(t.c.send_id)
+                )
+                inserted.update(result.scalars())
+        results: list[ClaimResult] = []
+        for r in requests:
+            key = (r.campaign_id, r.step, r.recipient_hash, r.message_key)
+            owner = first[key]
+            if owner is not r:
+                # The same key twice in one batch: the first occurrence holds the claim.
+                results.append(
+                    ClaimResult(
+                        claimed=False, existing_status="pending", existing_send_id=owner.send_id
+                    )
+                )
+            elif r.send_id in inserted:
+                results.append(ClaimResult(claimed=True))
+            else:
+                results.append(
+                    await self.claim(
+                        campaign_id=r.campaign_id,
+                        step=r.step,
+                        recipient_hash=r.recipient_hash,
+                        advertiser_id=r.advertiser_id,
+                        send_id=r.send_id,
+                        message_key=r.message_key,
+                    )
+                )
+        return results
+
+    async def finish_many(self, requests: Sequence[FinishRequest]) -> int:
+        """Finish many claims in one transaction (group commit); returns how many matched.
+
+        As with :meth:`finish`, only the holder of a claim (its ``send_id``) may finish it.
+
+        Raises:
+            InvalidInputError: a malformed key or an unknown status.
+            StoreError: the database failed.
+        """
+        if not requests:
+            return 0
+        for r in requests:
+            _check_key(r.campaign_id, r.step, r.recipient_hash)
+            if r.status not in CLAIM_STATUSES:
+                raise InvalidInputError(
+                    f"claim status must be one of {CLAIM_STATUSES}: {r.status!r}"
+                )
+        t = SEND_CLAIMS
+        now = datetime.now(UTC)
+        matched = 0
+        async with self._db.transaction("finishing send claims") as conn:
+            for r in requests:
+                # One statement per row: few rows per batch, and RETURNING tells who matched.
+                result = await conn.execute(
+                    update(t)
+                    .where(
+                        self._key(r.campaign_id, r.step, r.recipient_hash, r.message_key),
+                        t.c.send_id == r.send_id,
+                    )
+                    .values(status=r.status, message_id=r.message_id, updated_at=now)
+                    .returning(t.c.id)
+                )
+                matched += result.first() is not None
+        return matched
 
     async def prior_contacts(self, advertiser_id: str, recipient_hashes: Sequence[str]) -> set[str]:
         """The hashes this advertiser already mailed (or is mailing), in any campaign.

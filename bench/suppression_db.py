@@ -1,0 +1,68 @@
+"""Build (once, cached under bench/.cache) a store file holding N suppression entries."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shutil
+import sqlite3
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from prospect_mailer.store import Store, sqlite_url
+
+from .common import CACHE
+
+
+def cached_store(entries: int) -> Path:
+    """Path of a cached SQLite store with ``entries`` address suppression entries."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / f"suppression-{entries}.db"
+    if path.exists():
+        return path
+    tmp = path.with_suffix(".building")
+    for p in tmp.parent.glob(tmp.name + "*"):
+        p.unlink()
+
+    async def schema() -> None:
+        async with Store.connect(sqlite_url(tmp)):
+            pass
+
+    asyncio.run(schema())
+    started = time.perf_counter()
+    con = sqlite3.connect(tmp)
+    con.execute("PRAGMA journal_mode=OFF")
+    con.execute("PRAGMA synchronous=OFF")
+    now = datetime.now(UTC).isoformat()
+    batch = 100_000
+    for start in range(0, entries, batch):
+        rows = [
+            (
+                "address",
+                hashlib.sha256(f"suppressed{i}@list.example".encode()).hexdigest(),
+                "advertiser",
+                "acme",
+                "unsubscribe",
+                "bench",
+                now,
+            )
+            for i in range(start, min(entries, start + batch))
+        ]
+        con.executemany(
+            "INSERT INTO suppression (kind, key_hash, scope, scope_value, reason, source,"
+            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+    con.commit()
+    con.execute("PRAGMA journal_mode=WAL")
+    con.close()
+    shutil.move(tmp, path)
+    print(f"built {path.name}: {entries} entries in {time.perf_counter() - started:.0f} s")
+    return path
+
+
+def copy_store(entries: int, dest: Path) -> Path:
+    """A private copy of the cached store (benchmarks write to it)."""
+    shutil.copyfile(cached_store(entries), dest)
+    return dest
