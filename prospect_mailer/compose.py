@@ -1,0 +1,165 @@
+"""Composition of one message: token, unsubscribe URIs, footers, and the MIME itself.
+
+Templated campaign mail is written directly as wire bytes (:mod:`prospect_mailer.fastmime`);
+a message handed in by a caller (the relay) goes through the compliance step
+(:func:`~prospect_mailer.compliance.apply_compliance`). Either way every text and HTML part
+carries both footers and the RFC 8058 headers: the caller cannot skip this.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from email.message import EmailMessage
+from typing import Any
+
+from .addresses import NormalisedAddress, normalise
+from .compliance import FooterContext, FooterRenderer, apply_compliance
+from .fastmime import compose_bytes
+from .models import Campaign, Decision, Prospect
+from .tokens import TokenSigner, UnsubscribeToken
+
+__all__ = ["Composer"]
+
+
+class Composer:
+    """Builds each message of a send, with its unsubscribe token and footers.
+
+    Args:
+        signer: unsubscribe-token signer.
+        base_url: public HTTPS base of the unsubscribe handler.
+        mailto_domain: domain of the ``unsubscribe+TOKEN@`` address, or ``None``.
+        bounce_domain: domain of the VERP envelope sender ``bounce+TOKEN@``, or ``None``.
+        renderer: footer and body template renderer.
+    """
+
+    def __init__(
+        self,
+        *,
+        signer: TokenSigner,
+        base_url: str,
+        mailto_domain: str | None,
+        bounce_domain: str | None,
+        renderer: FooterRenderer,
+    ) -> None:
+        self.signer = signer
+        self.base_url = base_url.rstrip("/")
+        self.mailto_domain = mailto_domain
+        self.bounce_domain = bounce_domain
+        self.renderer = renderer
+
+    def unsubscribe_url(self, token: str) -> str:
+        """The HTTPS one-click URL for a token."""
+        return f"{self.base_url}/unsubscribe/{token}"
+
+    def render_bodies(
+        self, p: Prospect, campaign: Campaign, url: str, locale: str
+    ) -> tuple[str | None, str | None]:
+        """Render the campaign's text and HTML templates for one prospect."""
+        context: dict[str, Any] = {
+            "prospect": p,
+            "campaign": campaign,
+            "advertiser": campaign.advertiser,
+            "unsubscribe_url": url,
+            "locale": locale,
+        }
+        text = (
+            self.renderer.render_string(campaign.text_template, context, html=False)
+            if campaign.text_template
+            else None
+        )
+        html = (
+            self.renderer.render_string(campaign.html_template, context, html=True)
+            if campaign.html_template
+            else None
+        )
+        return text, html
+
+    def envelope_sender(self, campaign: Campaign, send_id: str) -> str:
+        """MAIL FROM for a send: a VERP ``bounce+TOKEN@`` address when a bounce domain is set.
+
+        The token names the send, so a bounce or complaint received there resolves to the
+        recipient without trusting anything in the bounce itself.
+        """
+        if self.bounce_domain:
+            return f"bounce+{self.signer.make_short(send_id)}@{self.bounce_domain}"
+        return campaign.from_address
+
+    def compose(
+        self,
+        prospect: Prospect,
+        address: NormalisedAddress,
+        campaign: Campaign,
+        decision: Decision,
+        send_id: str,
+        now: datetime,
+        given: EmailMessage | None,
+    ) -> tuple[EmailMessage | bytes, str, str, str]:
+        p = prospect
+        locale = p.locale or campaign.locale
+        token = self.signer.make(
+            UnsubscribeToken(
+                recipient_hash=address.key_hash,
+                advertiser_id=campaign.advertiser.id,
+                campaign_id=campaign.id,
+                scope="advertiser",
+                locale=locale,
+            )
+        )
+        url = self.unsubscribe_url(token)
+        mailto = (
+            f"mailto:unsubscribe+{self.signer.make_short(send_id)}@{self.mailto_domain}"
+            if self.mailto_domain
+            else None
+        )
+        from_domain = normalise(campaign.from_address).domain
+        collected: date | None = p.collected_at.date() if p.collected_at else None
+        footers = self.renderer.render(
+            FooterContext(
+                locale=locale,
+                advertiser_legal_name=campaign.advertiser.legal_name,
+                advertiser_postal_address=campaign.advertiser.postal_address,
+                advertiser_contact=campaign.advertiser.contact,
+                unsubscribe_url=url,
+                unsubscribe_mailto=mailto,
+                source_name=p.source_name,
+                source_type=p.source_type,
+                collection_method=p.collection_method,
+                collected_at=collected,
+                first_contact=decision.first_contact,
+                campaign_id=campaign.id,
+                recipient_name=p.name,
+            )
+        )
+        token_id = self.signer.token_id(token)
+        if given is not None:
+            # Someone else's MIME (the relay): inject into every text part of a copy.
+            final = apply_compliance(
+                given,
+                footers,
+                list_unsubscribe_url=url,
+                list_unsubscribe_mailto=mailto,
+                message_id_domain=from_domain,
+                now=now,
+            )
+            return final, str(final["Message-ID"]), token_id, footers.template_hash
+        # Our own message: footers joined to the rendered bodies, MIME written once.
+        text, html = self.render_bodies(p, campaign, url, locale)
+        # Short enough never to be folded, and it names the send: a bounce quoting it leads
+        # straight to the audit record.
+        message_id = f"<{send_id}@{from_domain}>"
+        data = compose_bytes(
+            from_name=campaign.from_name,
+            from_address=campaign.from_address,
+            to_name=p.name or "",
+            to_address=p.email,
+            subject=campaign.subject,
+            reply_to=campaign.reply_to,
+            message_id=message_id,
+            now=now,
+            text=text,
+            html=html,
+            footers=footers,
+            list_unsubscribe_url=url,
+            list_unsubscribe_mailto=mailto,
+        )
+        return data, message_id, token_id, footers.template_hash

@@ -1,0 +1,180 @@
+"""The records a send carries through the pipeline, and the group commit of its results."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from typing import Any
+
+from . import policy
+from .addresses import NormalisedAddress
+from .models import Campaign, Decision, Outcome, Prospect
+from .store import AuditEvent, ClaimStatus, FinishRequest, Store, SuppressionHit
+
+__all__ = [
+    "Finisher",
+    "Item",
+    "Options",
+    "Plan",
+    "audit_base",
+    "chunks",
+    "failed_outcome",
+    "suppression_match",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    force: bool = False
+    dry_run: bool = False
+    message: EmailMessage | None = None  # the caller's message (relay) instead of templates
+    message_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    prospect: Prospect
+    address: NormalisedAddress
+    facts: policy.Facts
+    claim_status: str | None = None  # only looked up for dry runs
+
+
+@dataclass(eq=False)
+class Plan:
+    """One allowed or blocked recipient of a chunk, as it moves through the pipeline."""
+
+    item: Item
+    decision: Decision
+    send_id: str
+    base: dict[str, Any]
+    message: EmailMessage | bytes | None = None
+    message_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    final: Outcome | None = None
+
+    def event(
+        self, status: str, *, rule_ids: Sequence[str] = (), extra: dict[str, Any] | None = None
+    ) -> AuditEvent:
+        details = dict(self.base["details"])
+        if extra:
+            details.update({k: v for k, v in extra.items() if v is not None})
+        fields = {k: v for k, v in self.base.items() if k != "details"}
+        return AuditEvent(
+            **fields,
+            send_id=self.send_id,
+            status=status,
+            rule_ids=tuple(rule_ids),
+            details=details,
+        )
+
+    def finish_request(
+        self, campaign: Campaign, options: Options, status: ClaimStatus
+    ) -> FinishRequest:
+        return FinishRequest(
+            campaign_id=campaign.id,
+            step=campaign.step,
+            recipient_hash=self.item.address.key_hash,
+            send_id=self.send_id,
+            status=status,
+            message_id=self.message_id,
+            message_key=options.message_key,
+        )
+
+
+def failed_outcome(p: Plan, detail: str) -> Outcome:
+    return Outcome(email=p.item.prospect.email, status="failed", send_id=p.send_id, detail=detail)
+
+
+class Finisher:
+    """Group commit of send results: claim updates and audit records of whatever finished
+    while the previous batch was committing go in one pair of transactions. Each caller
+    resumes only once its own records are durable."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._queue: list[tuple[FinishRequest, AuditEvent, asyncio.Future[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, request: FinishRequest, event: AuditEvent) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((request, event, future))
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._drain())
+        await asyncio.shield(future)
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                await self._store.claims.finish_many([r for r, _, _ in batch])
+                await self._store.audit.append([e for _, e, _ in batch])
+            except Exception as exc:
+                for _, _, f in batch:
+                    if not f.done():
+                        f.set_exception(exc)
+            else:
+                for _, _, f in batch:
+                    if not f.done():
+                        f.set_result(None)
+
+
+def suppression_match(hit: SuppressionHit) -> policy.SuppressionMatch:
+    return policy.SuppressionMatch(
+        kind=hit.kind, scope=hit.scope, scope_value=hit.scope_value, reason=hit.reason
+    )
+
+
+def audit_base(
+    item: Item, campaign: Campaign, decision: Decision, *, transport_label: str, transport: object
+) -> dict[str, Any]:
+    """The audit fields of RULES.md section G that are known once the decision is made."""
+    p = item.prospect
+    return {
+        "kind": "send",
+        "campaign_id": campaign.id,
+        "step": campaign.step,
+        "advertiser_id": campaign.advertiser.id,
+        "purpose": campaign.purpose,
+        "recipient_hash": item.address.key_hash,
+        "recipient_masked": item.address.masked,
+        "transport": transport_label,
+        "details": {
+            "profiles": list(campaign.profiles),
+            "recipient_type": decision.effective_recipient_type,
+            "declared_recipient_type": p.recipient_type,
+            "classifier_version": item.facts.classifier_version,
+            "legal_basis": p.legal_basis,
+            "consent_ref": p.consent_ref,
+            "source_type": p.source_type,
+            "source_name": p.source_name,
+            "first_contact": decision.first_contact,
+            "suppression_hits": len(item.facts.suppression),
+            "rules": {r.rule_id: r.outcome for r in decision.results},
+            "warnings": [f"{w.rule_id}: {w.reason}" for w in decision.warnings],
+            "transport_kind": getattr(transport, "name", type(transport).__name__),
+        },
+    }
+
+
+async def chunks(
+    source: Iterable[Prospect] | AsyncIterable[Prospect], size: int
+) -> AsyncIterator[list[Prospect]]:
+    """Group a sync or async stream into lists of ``size`` without reading ahead further."""
+    chunk: list[Prospect] = []
+    if isinstance(source, AsyncIterable):
+        async for p in source:
+            chunk.append(p)
+            if len(chunk) >= size:
+                yield chunk
+                chunk = []
+    else:
+        for p in source:
+            chunk.append(p)
+            if len(chunk) >= size:
+                yield chunk
+                chunk = []
+                await asyncio.sleep(0)  # let other tasks run between chunks of a sync iterable
+    if chunk:
+        yield chunk
