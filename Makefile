@@ -4,8 +4,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 # Debian packages the test suite needs (installed with apt-get when running as root).
-# None yet: the suite of the core runs on Python packages and the machine's PostgreSQL alone.
-DEBIAN_PACKAGES :=
+# chromium: the browser test of the unsubscribe page; swaks: the relay's end-to-end test.
+DEBIAN_PACKAGES := chromium swaks
 
 .PHONY: demo test lint typecheck pytest wheel-check sysdeps clean bench
 

@@ -10,7 +10,7 @@ from aiosmtpd.smtp import SMTP
 
 
 class Discard:
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         return "250 2.0.0 discarded"
 
 

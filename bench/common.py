@@ -78,7 +78,7 @@ def smtp_sink() -> Iterator[tuple[int, str]]:
     else:
         cmd = [sys.executable, "-m", "bench.aiosmtpd_sink", str(port)]
         kind = "aiosmtpd sink (postfix not installed)"
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)  # noqa: S603
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
     try:
         wait_port(port)
         yield port, kind
@@ -120,9 +120,7 @@ def measure_start() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-def measure_end(
-    name: str, messages: int, start: tuple[float, float], **extra: Any
-) -> Result:
+def measure_end(name: str, messages: int, start: tuple[float, float], **extra: Any) -> Result:
     wall = time.perf_counter() - start[0]
     cpu = time.process_time() - start[1]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -131,7 +129,7 @@ def measure_end(
 
 def run_child(module: str, config: str, args: list[str]) -> Result:
     """Run one configuration in a fresh interpreter; it prints its Result as JSON."""
-    out = subprocess.run(  # noqa: S603
+    out = subprocess.run(
         [sys.executable, "-m", module, "--one", config, *args],
         cwd=ROOT,
         capture_output=True,
@@ -151,7 +149,10 @@ def emit(result: Result) -> None:
 def print_table(title: str, results: list[Result], json_path: Path | None = None) -> None:
     by_name = {r.name: r for r in results}
     print(f"\n{title}")
-    header = f"{'configuration':44} {'msgs':>7} {'msgs/s':>9} {'CPU µs/msg':>11} {'peak RSS MB':>12} {'ratio':>14}"
+    header = (
+        f"{'configuration':44} {'msgs':>7} {'msgs/s':>9} {'CPU µs/msg':>11} "
+        f"{'peak RSS MB':>12} {'ratio':>14}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
@@ -164,6 +165,8 @@ def print_table(title: str, results: list[Result], json_path: Path | None = None
         )
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        rows = [asdict(r) | {"msgs_per_s": r.rate, "cpu_us_per_msg": r.cpu_us_per_msg} for r in results]
+        rows = [
+            asdict(r) | {"msgs_per_s": r.rate, "cpu_us_per_msg": r.cpu_us_per_msg} for r in results
+        ]
         json_path.write_text(json.dumps({"title": title, "results": rows}, indent=2), "utf-8")
         print(f"(written to {json_path.relative_to(ROOT)})")

@@ -31,12 +31,16 @@ from .errors import (
     TransportTemporaryError,
 )
 from .files import iter_prospects, load_campaign, load_prospects
+from .inbound import InboundResult, handle_inbound
 from .mailer import ProspectMailer, SendSummary
 from .models import Advertiser, Campaign, Decision, Outcome, Prospect, RuleResult
+from .optout import OptOutResult, OptOutService
 from .policy import Facts, SuppressionMatch, decide
+from .relay import RelayServer
 from .store import Store
 from .tokens import TokenSigner, UnsubscribeToken
 from .transport import Delivery, MemoryTransport, OutboxTransport, SMTPTransport, Transport
+from .web import create_app
 
 __version__ = "0.1.0"
 
@@ -50,16 +54,20 @@ __all__ = [
     "Facts",
     "FooterContext",
     "FooterRenderer",
+    "InboundResult",
     "InvalidAddressError",
     "InvalidInputError",
     "InvalidMessageError",
     "MemoryTransport",
     "NormalisedAddress",
+    "OptOutResult",
+    "OptOutService",
     "OutboxTransport",
     "Outcome",
     "Prospect",
     "ProspectMailer",
     "ProspectMailerError",
+    "RelayServer",
     "RoleClassifier",
     "RuleResult",
     "SMTPTransport",
@@ -77,7 +85,9 @@ __all__ = [
     "UnsubscribeToken",
     "__version__",
     "apply_compliance",
+    "create_app",
     "decide",
+    "handle_inbound",
     "iter_prospects",
     "load_campaign",
     "load_prospects",

@@ -23,6 +23,7 @@ from pydantic_settings import (
 )
 
 from .errors import ConfigError
+from .relay_config import RelaySettings
 
 __all__ = ["PLACEHOLDER_BASE_URL", "Settings", "load_settings"]
 
@@ -49,10 +50,17 @@ class Settings(BaseSettings):
             so bounces and complaints resolve to the send; unset: the campaign's From.
         template_dirs: folders searched for footer templates before the built-in ones.
         concurrency: messages in flight at once in ``send_many``.
+        advertiser_names: advertiser id -> legal name, shown on the unsubscribe page (the token
+            carries only the id; without an entry the page shows the id).
+        soft_bounce_limit: soft-bounced sends in a row that suppress an address.
+        relay: the ``[relay]`` table: settings of ``prospect-mailer relay``.
     """
 
     model_config = SettingsConfigDict(
-        env_prefix="PROSPECT_MAILER_", extra="forbid", env_ignore_empty=True
+        env_prefix="PROSPECT_MAILER_",
+        extra="forbid",
+        env_ignore_empty=True,
+        env_nested_delimiter="__",  # PROSPECT_MAILER_RELAY__LISTEN sets relay.listen
     )
 
     database_url: str = "sqlite+aiosqlite:///prospect-mailer.db"
@@ -67,6 +75,9 @@ class Settings(BaseSettings):
     template_dirs: list[Path] = Field(default_factory=list)
     concurrency: int = Field(default=10, ge=1, le=1000)
     role_names: list[str] = Field(default_factory=list)
+    advertiser_names: dict[str, str] = Field(default_factory=dict)
+    soft_bounce_limit: int = Field(default=3, ge=1, le=100)
+    relay: RelaySettings = Field(default_factory=RelaySettings)
 
     @field_validator("base_url")
     @classmethod

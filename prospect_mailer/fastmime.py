@@ -42,6 +42,7 @@ def _header_text(name: str, value: str) -> str:
 def _address(name: str, display: str, addr: str) -> str:
     if any(c in display + addr for c in "\r\n\x00"):
         raise InvalidMessageError(f"{name} must not contain a line break")
+    display = " ".join(display.split())  # any Unicode white space run becomes one space
     value = formataddr((display, addr), charset="utf-8") if display else addr
     return f"{name}: {value}"
 

@@ -7,6 +7,7 @@ whose message names the field. Field names follow RULES.md ("Assumed per-recipie
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
+from functools import lru_cache
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -59,6 +60,9 @@ def _check_email(value: str) -> str:
     # raises InvalidAddressError (a ValueError) naming the problem
     return normalise(value).original
 
+
+#: The pipeline reads ``prospect.address`` several times per send; results are immutable.
+_normalise_recent = lru_cache(maxsize=4096)(normalise)
 
 #: A valid e-mail address, kept as given (display name and brackets removed, trimmed).
 EmailStr = Annotated[str, AfterValidator(_check_email)]
@@ -151,8 +155,8 @@ class Prospect(_Model):
 
     @property
     def address(self) -> NormalisedAddress:
-        """The normalised address (computed on demand; the model stays small)."""
-        return normalise(self.email)
+        """The normalised address (IDNA is not free: recent results are reused)."""
+        return _normalise_recent(self.email)
 
 
 class Advertiser(_Model):

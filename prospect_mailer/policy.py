@@ -22,11 +22,13 @@ __all__ = [
     "RULES",
     "RULES_BY_ID",
     "Facts",
+    "RetentionStatus",
     "Rule",
     "SuppressionMatch",
     "decide",
     "effective_recipient_type",
     "explain",
+    "retention_status",
 ]
 
 #: FR_PROSPECT_RETENTION_3Y: prospect data kept at most 3 years from the last prospect contact.
@@ -280,23 +282,56 @@ def _add_years(d: datetime, years: int) -> datetime:
         return d.replace(year=d.year + years, day=28)
 
 
+@dataclass(frozen=True, slots=True)
+class RetentionStatus:
+    """Where a prospect stands against FR_PROSPECT_RETENTION_3Y at a given time.
+
+    Attributes:
+        current_customer: a customer whose relationship has not ended (no expiry runs).
+        reference: the last of ``collected_at``, ``last_activity_at`` and ``customer_until``
+            (the last contact coming from the person), or ``None`` when none is known.
+        expires_at: ``reference`` plus :data:`RETENTION_YEARS`, or ``None``.
+        expired: ``now`` is past ``expires_at`` (``False`` when it cannot be computed).
+    """
+
+    current_customer: bool
+    reference: datetime | None
+    expires_at: datetime | None
+    expired: bool
+
+
+def retention_status(prospect: Prospect, now: datetime) -> RetentionStatus:
+    """FR_PROSPECT_RETENTION_3Y for one prospect at ``now`` (timezone-aware).
+
+    The rule applied at send time and the retention purge both use this function, so the
+    two can never disagree about when a prospect's data expires.
+    """
+    p = prospect
+    if p.customer_since is not None and (
+        p.customer_until is None or p.customer_until >= now.date()
+    ):
+        return RetentionStatus(True, None, None, False)
+    refs: list[datetime] = [d for d in (p.collected_at, p.last_activity_at) if d is not None]
+    if p.customer_until is not None:
+        refs.append(datetime.combine(p.customer_until, datetime.min.time(), now.tzinfo))
+    if not refs:
+        return RetentionStatus(False, None, None, False)
+    ref = max(refs)
+    expiry = _add_years(ref, RETENTION_YEARS)
+    return RetentionStatus(False, ref, expiry, now > expiry)
+
+
 def _retention(c: _Ctx) -> RuleResult:
     rid = "FR_PROSPECT_RETENTION_3Y"
     if not c.prospecting:
         return _na(rid, "not prospecting")
-    p = c.prospect
-    if p.customer_since is not None and (
-        p.customer_until is None or p.customer_until >= c.now.date()
-    ):
+    status = retention_status(c.prospect, c.now)
+    if status.current_customer:
         return _ok(rid, "current customer")
-    refs: list[datetime] = [d for d in (p.collected_at, p.last_activity_at) if d is not None]
-    if p.customer_until is not None:
-        refs.append(datetime.combine(p.customer_until, datetime.min.time(), c.now.tzinfo))
-    if not refs:
+    if status.reference is None or status.expires_at is None:
         return _fail(rid, "collected_at unknown: retention cannot be shown")
-    ref = max(refs)
-    expiry = _add_years(ref, RETENTION_YEARS)
-    if c.now <= expiry:
+    ref, expiry = status.reference, status.expires_at
+    if not status.expired:
         return _ok(rid, f"within retention until {expiry.date()}")
     if c.campaign.repermission and not c.facts.repermission_already_sent:
         return RuleResult(

@@ -99,7 +99,9 @@ def same(a: EmailMessage, b: EmailMessage) -> None:
                    "List-Unsubscribe-Post"):  # fmt: skip
         assert str(a[header]) == str(b[header]), header
     (ta,), (tb,) = a["To"].addresses, b["To"].addresses
-    assert (ta.display_name.strip(), ta.addr_spec) == (tb.display_name.strip(), tb.addr_spec)
+    # White space inside a display name may differ: the stdlib writer (the slow side) even
+    # inserts a space where it folds a long run of encoded words.
+    assert (squash(ta.display_name), ta.addr_spec) == (squash(tb.display_name), tb.addr_spec)
     for kind in ("plain", "html"):
         pa, pb = a.get_body((kind,)), b.get_body((kind,))
         assert (pa is None) == (pb is None)

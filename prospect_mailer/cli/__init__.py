@@ -4,7 +4,17 @@ Each command group lives in its own module and registers itself on the shared :d
 importing them here is what makes them part of the CLI.
 """
 
-from . import demo, ops  # noqa: F401  (register their commands)
+from . import (  # noqa: F401  (register their commands)
+    audit,
+    demo,
+    evidence,
+    lint,
+    prospects,
+    relay,
+    send,
+    serve,
+    suppress,
+)
 from .app import app, main
 
 __all__ = ["app", "main"]

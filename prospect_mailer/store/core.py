@@ -21,8 +21,10 @@ from sqlmodel import SQLModel
 
 from ..errors import StoreError
 from .audit import AuditLog
+from .campaigns import CampaignStore
 from .claims import SendClaims
 from .engine import Database, create_engine, parse_url
+from .fastread import SQLiteReader
 from .prospects import ProspectRegistry
 from .suppression import SuppressionList
 from .tables import AUDIT_HEAD, SCHEMA_VERSION, STORE_TABLES
@@ -87,17 +89,20 @@ class Store:
         audit: the hash-chained audit log (:class:`AuditLog`).
         claims: the send claims, i.e. idempotency keys (:class:`SendClaims`).
         prospects: the prospect registry (:class:`ProspectRegistry`).
+        campaigns: the campaigns registered for the SMTP relay (:class:`CampaignStore`).
         url: the database URL, password hidden.
     """
 
-    def __init__(self, db: Database, url: URL) -> None:
+    def __init__(self, db: Database, url: URL, reader: SQLiteReader | None = None) -> None:
         """Wrap an opened database; use :meth:`open` instead."""
         self._db = db
         self.url = url.render_as_string(hide_password=True)
-        self.suppression = SuppressionList(db)
+        self._reader = reader
+        self.suppression = SuppressionList(db, reader)
         self.audit = AuditLog(db)
         self.claims = SendClaims(db)
         self.prospects = ProspectRegistry(db)
+        self.campaigns = CampaignStore(db)
 
     @classmethod
     async def open(
@@ -136,10 +141,19 @@ class Store:
         try:
             async with db.transaction(f"opening the store at {parsed.render_as_string()}") as conn:
                 await _ensure_schema(db, conn)
+            # SQLite file: the lookup hot path reads through its own stdlib connection.
+            reader = (
+                SQLiteReader(parsed.database)
+                if parsed.get_backend_name() == "sqlite"
+                and parsed.database
+                and parsed.database != ":memory:"
+                and not parsed.database.startswith("file:")
+                else None
+            )
         except BaseException:
             await db.engine.dispose()
             raise
-        return cls(db, parsed)
+        return cls(db, parsed, reader)
 
     @classmethod
     @asynccontextmanager
@@ -181,6 +195,10 @@ class Store:
 
     async def close(self) -> None:
         """Close every connection. Idempotent; later calls on the store raise StoreError."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+            self.suppression.reader = None
         if not self._db.closed:
             await self._db.dispose()
 

@@ -7,7 +7,7 @@ suppression list, which must not. The SMTP relay checks it at ``RCPT TO``; purge
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import UTC, datetime
 
 from pydantic import ValidationError
@@ -132,3 +132,50 @@ class ProspectRegistry:
         async with self._db.connection("counting prospects") as conn:
             result = await conn.execute(select(func.count()).select_from(PROSPECTS))
             return int(result.scalar_one())
+
+    async def iter_all(self, *, chunk_size: int = _CHUNK) -> AsyncIterator[tuple[str, Prospect]]:
+        """Stream ``(recipient_hash, prospect)`` for every registered prospect.
+
+        Read in chunks by primary key (constant memory, no connection held between chunks);
+        prospects deleted while iterating are simply not seen again.
+
+        Raises:
+            StoreError: the database failed, or a stored prospect is unreadable.
+        """
+        t = PROSPECTS
+        after = 0
+        while True:
+            stmt = (
+                select(t.c.id, t.c.recipient_hash, t.c.data)
+                .where(t.c.id > after)
+                .order_by(t.c.id)
+                .limit(chunk_size)
+            )
+            async with self._db.connection("reading prospects") as conn:
+                rows = (await conn.execute(stmt)).all()
+            for _id, key, data in rows:
+                yield key, _load(key, data)
+            if len(rows) < chunk_size:
+                return
+            after = int(rows[-1][0])
+
+    async def delete_many(self, recipient_hashes: Sequence[str]) -> int:
+        """Delete the prospects registered under ``recipient_hashes``, in one transaction.
+
+        Suppression entries are separate and survive (SUPP_SURVIVES_DELETION).
+
+        Returns:
+            How many prospects were deleted.
+
+        Raises:
+            StoreError: the database failed (nothing is deleted).
+        """
+        wanted = list(dict.fromkeys(recipient_hashes))
+        deleted = 0
+        async with self._db.transaction("deleting prospects") as conn:
+            for start in range(0, len(wanted), 900):
+                stmt = delete(PROSPECTS).where(
+                    PROSPECTS.c.recipient_hash.in_(wanted[start : start + 900])
+                )
+                deleted += (await conn.execute(stmt)).rowcount
+        return deleted

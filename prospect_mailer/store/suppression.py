@@ -18,7 +18,7 @@ every hit.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, cast, get_args
@@ -29,6 +29,7 @@ from ..addresses import domain_key, normalise
 from ..errors import InvalidInputError
 from ..models import SuppressionReason, SuppressionScope
 from .engine import Database
+from .fastread import SQLiteReader
 from .tables import SUPPRESSION
 
 __all__ = [
@@ -129,8 +130,10 @@ def _utc(value: datetime | None) -> datetime:
 class SuppressionList:
     """Suppression entries in the store (``store.suppression``)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, reader: SQLiteReader | None = None) -> None:
         self._db = db
+        #: SQLite only: a direct read-only connection for the lookup hot path.
+        self.reader = reader
 
     async def add_address(
         self,
@@ -318,6 +321,22 @@ class SuppressionList:
         found: dict[str, list[SuppressionHit]] = {}
         if not wanted:
             return found
+        if self.reader is not None and not self._db.closed:
+            for kind, key, scope, value, reason, source, created in await self.reader.lookup(
+                wanted
+            ):
+                found.setdefault(key, []).append(
+                    SuppressionHit(
+                        kind=cast(SuppressionKind, kind),
+                        key_hash=key,
+                        scope=cast(SuppressionScope, scope),
+                        scope_value=value,
+                        reason=cast(SuppressionReason, reason),
+                        source=source,
+                        created_at=_utc(datetime.fromisoformat(created)),
+                    )
+                )
+            return found
         t = SUPPRESSION
         columns = (t.c.kind, t.c.key_hash, t.c.scope, t.c.scope_value, t.c.reason, t.c.source)
         async with self._db.connection("suppression lookup") as conn:
@@ -354,3 +373,49 @@ class SuppressionList:
             stmt = stmt.where(SUPPRESSION.c.scope == scope)
         async with self._db.connection("counting suppression entries") as conn:
             return int((await conn.execute(stmt)).scalar_one())
+
+    async def iter_entries(
+        self,
+        *,
+        kind: SuppressionKind | None = None,
+        scope: SuppressionScope | None = None,
+        scope_value: str | None = None,
+        chunk_size: int = 1000,
+    ) -> AsyncIterator[SuppressionHit]:
+        """Stream every entry (optionally of one kind, scope, scope value) in insertion order.
+
+        For exports of any size: read in chunks by primary key, no connection held between
+        chunks.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        t = SUPPRESSION
+        base = select(
+            t.c.id, t.c.kind, t.c.key_hash, t.c.scope, t.c.scope_value, t.c.reason,
+            t.c.source, t.c.created_at,
+        )  # fmt: skip
+        if kind is not None:
+            base = base.where(t.c.kind == kind)
+        if scope is not None:
+            base = base.where(t.c.scope == scope)
+        if scope_value is not None:
+            base = base.where(t.c.scope_value == scope_value)
+        after = 0
+        while True:
+            stmt = base.where(t.c.id > after).order_by(t.c.id).limit(chunk_size)
+            async with self._db.connection("exporting the suppression list") as conn:
+                rows = (await conn.execute(stmt)).all()
+            for _id, k, key, sc, value, reason, source, created in rows:
+                yield SuppressionHit(
+                    kind=cast(SuppressionKind, k),
+                    key_hash=key,
+                    scope=cast(SuppressionScope, sc),
+                    scope_value=value,
+                    reason=cast(SuppressionReason, reason),
+                    source=source,
+                    created_at=_utc(created),
+                )
+            if len(rows) < chunk_size:
+                return
+            after = int(rows[-1][0])

@@ -32,6 +32,7 @@ from sqlmodel import Field, SQLModel
 __all__ = [
     "AUDIT_EVENTS",
     "AUDIT_HEAD",
+    "CAMPAIGNS",
     "PROSPECTS",
     "SCHEMA_VERSION",
     "SEND_CLAIMS",
@@ -39,6 +40,7 @@ __all__ = [
     "SUPPRESSION",
     "AuditEventRow",
     "AuditHeadRow",
+    "CampaignRow",
     "ProspectRow",
     "SchemaVersionRow",
     "SendClaimRow",
@@ -186,3 +188,24 @@ STORE_TABLES: tuple[Table, ...] = (
     SEND_CLAIMS,
     PROSPECTS,
 )
+
+
+class CampaignRow(SQLModel, table=True):
+    """A registered campaign step (the ``Campaign`` model as JSON), for the SMTP relay.
+
+    In the database rather than in each relay's memory so that several relays sharing one
+    PostgreSQL see the same campaigns the moment one is registered.
+    """
+
+    __tablename__ = "campaigns"
+    __table_args__ = (UniqueConstraint("campaign_id", "step", name="uq_campaigns_key"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    campaign_id: str = Field(max_length=128)
+    step: int
+    data: str = Field(sa_type=Text)
+    updated_at: datetime = Field(sa_type=DateTime(timezone=True))
+
+
+CAMPAIGNS = _table(CampaignRow)
+STORE_TABLES = (*STORE_TABLES, CAMPAIGNS)

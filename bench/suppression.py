@@ -1,0 +1,132 @@
+"""Suppression checks against a large list: a batch of 1,000 and single RCPT-time lookups.
+
+    python -m bench.suppression [--entries 10000000] [--batches 50] [--singles 2000]
+
+Targets (issue 6): a batch of 1,000 recipients against 10,000,000 entries in < 5 ms; a single
+check p50 < 100 µs. Baseline in the same run: the same indexed query through the sqlite3
+module directly (the floor for this query on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import random
+import sqlite3
+import statistics
+import time
+from pathlib import Path
+
+from prospect_mailer.store import Store, sqlite_url
+
+from .common import ROOT
+from .suppression_db import cached_store
+
+COLS = "key_hash, scope, scope_value, reason"
+
+
+def keys(n: int, entries: int, rng: random.Random) -> list[str]:
+    """Half present in the list, half absent."""
+    out = []
+    for j in range(n):
+        if j % 2:
+            i = rng.randrange(entries)
+            out.append(hashlib.sha256(f"suppressed{i}@list.example".encode()).hexdigest())
+        else:
+            out.append(hashlib.sha256(f"absent{rng.random()}@x.example".encode()).hexdigest())
+    return out
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p))]
+
+
+async def ours(
+    path: Path, batches: list[list[str]], singles: list[str]
+) -> tuple[list[float], list[float]]:
+    async with Store.connect(sqlite_url(path)) as store:
+        await store.suppression.lookup(batches[0])  # warm up the connection
+        batch_times = []
+        for b in batches:
+            t = time.perf_counter()
+            hits = await store.suppression.lookup(b)
+            batch_times.append(time.perf_counter() - t)
+            assert len(hits) >= len(b) // 2 - 1
+        single_times = []
+        for k in singles:
+            t = time.perf_counter()
+            await store.suppression.lookup([k])
+            single_times.append(time.perf_counter() - t)
+    return batch_times, single_times
+
+
+def raw(
+    path: Path, batches: list[list[str]], singles: list[str]
+) -> tuple[list[float], list[float]]:
+    con = sqlite3.connect(path)
+    batch_times = []
+    for b in batches:
+        t = time.perf_counter()
+        marks = ",".join("?" * len(b))
+        q = f"SELECT {COLS} FROM suppression WHERE key_hash IN ({marks})"
+        con.execute(q, b).fetchall()
+        batch_times.append(time.perf_counter() - t)
+    single_times = []
+    for k in singles:
+        t = time.perf_counter()
+        con.execute(
+            "SELECT key_hash, scope, scope_value, reason FROM suppression WHERE key_hash = ?", (k,)
+        ).fetchall()
+        single_times.append(time.perf_counter() - t)
+    con.close()
+    return batch_times, single_times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--entries", type=int, default=10_000_000)
+    ap.add_argument("--batches", type=int, default=50)
+    ap.add_argument("--singles", type=int, default=2000)
+    ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "suppression.json")
+    a = ap.parse_args()
+    path = cached_store(a.entries)
+    rng = random.Random(42)
+    batches = [keys(1000, a.entries, rng) for _ in range(a.batches)]
+    singles = keys(a.singles, a.entries, rng)
+    rb, rs = raw(path, batches, singles)
+    ob, os_ = asyncio.run(ours(path, batches, singles))
+    rows = [
+        ("batch of 1,000: raw sqlite3", rb, None),
+        ("batch of 1,000: store.suppression.lookup", ob, 5e-3),
+        ("single check: raw sqlite3", rs, None),
+        ("single check: store.suppression.lookup", os_, 100e-6),
+    ]
+    print(f"\nSuppression checks against {a.entries:,} entries (SQLite WAL, one file)")
+    print(f"{'measure':44} {'p50':>10} {'p95':>10} {'target':>10}  verdict")
+    import json
+
+    out = []
+    for name, times, target in rows:
+        p50, p95 = pct(times, 0.5), pct(times, 0.95)
+        verdict = "" if target is None else ("ok" if p50 < target else "MISSED")
+        print(
+            f"{name:44} {p50 * 1e6:8.0f}µs {p95 * 1e6:8.0f}µs "
+            f"{'' if target is None else f'{target * 1e6:8.0f}µs':>10}  {verdict}"
+        )
+        out.append(
+            {
+                "measure": name,
+                "p50_us": p50 * 1e6,
+                "p95_us": p95 * 1e6,
+                "mean_us": statistics.mean(times) * 1e6,
+                "target_us": None if target is None else target * 1e6,
+            }
+        )
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps({"entries": a.entries, "results": out}, indent=2), "utf-8")
+
+
+if __name__ == "__main__":
+    main()

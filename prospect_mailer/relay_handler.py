@@ -1,0 +1,396 @@
+"""The relay's SMTP hooks: a thin adapter from SMTP commands to the one pipeline.
+
+No rule lives here. At ``RCPT TO`` the recipient is looked up in the prospect registry and
+the pipeline is asked for a dry run (``mailer.send(..., dry_run=True)``); at ``DATA`` the
+pipeline sends the client's message once per recipient (``message=``, keyed by Message-ID).
+Replies come from :mod:`prospect_mailer.relay_replies`, the one place outcomes become codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from email.message import EmailMessage
+from typing import TYPE_CHECKING, Any, Protocol
+
+from aiosmtpd.smtp import Envelope
+
+from .addresses import normalise
+from .campaigns import parse_campaign_ref
+from .errors import InvalidAddressError, InvalidInputError, InvalidMessageError, StoreError
+from .mailer import ProspectMailer
+from .mime import parse_message
+from .models import Campaign, Prospect
+from .optout import OptOutService
+from .relay_auth import RelayAuth
+from .relay_config import RelaySettings
+from .relay_dsn import build_dsn
+from .relay_replies import (
+    REPLY_RELAY_DENIED,
+    REPLY_TEMPORARY,
+    RecipientResult,
+    inbound_result,
+    message_reply,
+    recipient_result,
+    reply_line,
+)
+from .store import AuditEvent
+from .transport import Transport
+
+if TYPE_CHECKING:
+    from .relay import RelaySession
+
+__all__ = ["InboundHandler", "InboundReply", "RelayEnvelope", "RelayHandler", "bare_line_break"]
+
+log = logging.getLogger("prospect_mailer.relay")
+
+# A CR or LF that is not part of a CRLF pair. Servers disagree on what such a byte means, and
+# that disagreement is SMTP smuggling (a second message hidden in the first); Postfix's
+# smtpd_forbid_bare_newline=reject refuses it outright, and so do we.
+_BARE_LINE_BREAK = re.compile(rb"(?<!\r)\n|\r(?!\n)")
+_PROSPECT_HEADER = "x-prospect-"
+
+
+def bare_line_break(data: bytes) -> int | None:
+    """Offset of the first CR or LF not part of a CRLF pair in ``data``, else ``None``."""
+    match = _BARE_LINE_BREAK.search(data)
+    return None if match is None else match.start()
+
+
+class InboundReply(Protocol):
+    """What the inbound (opt-out by mail, bounce) handler answers."""
+
+    @property
+    def accepted(self) -> bool:
+        """The message was processed (suppression written)."""
+
+    @property
+    def reply(self) -> str:
+        """The SMTP reply line, e.g. ``"250 2.0.0 unsubscribed"``."""
+
+
+#: ``handle_inbound(optout, rcpt, data)`` from :mod:`prospect_mailer.inbound`.
+InboundHandler = Callable[[OptOutService, str, bytes], Awaitable[InboundReply]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Rcpt:
+    address: str
+    prospect: Prospect | None  # None: an inbound (opt-out or bounce) address
+
+
+class RelayEnvelope(Envelope):
+    """aiosmtpd's envelope plus what the relay learnt during the transaction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.campaign: Campaign | None = None
+        self.bound_by = ""  # "auth user" or "sender", for the reply texts
+        self.recipients: list[_Rcpt] = []
+
+
+class RelayHandler(RelayAuth):
+    """aiosmtpd handler hooks of the relay (one object shared by every connection).
+
+    Args:
+        mailer: the pipeline (its store, signer, domains and transport label ``relay``).
+        settings: the relay settings.
+        inbound: the opt-out/bounce handler, or ``None`` when not installed.
+        dsn_transport: where DSNs go (the upstream, never DKIM-signed as a prospecting mail).
+    """
+
+    def __init__(
+        self,
+        *,
+        mailer: ProspectMailer,
+        settings: RelaySettings,
+        inbound: InboundHandler | None,
+        dsn_transport: Transport,
+    ) -> None:
+        self.mailer = mailer
+        self.settings = settings
+        self.inbound = inbound
+        self.optout = OptOutService(mailer.store, mailer.signer, clock=mailer.clock)
+        self.dsn_transport = dsn_transport
+        routes = [("unsubscribe", mailer.mailto_domain), ("bounce", mailer.bounce_domain)]
+        self._inbound_routes = [
+            re.compile(rf"{local}\+[^@\s]+@{re.escape(domain)}", re.IGNORECASE)
+            for local, domain in routes
+            if domain
+        ]
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def is_inbound(self, address: str) -> bool:
+        """``unsubscribe+TOKEN@<mailto domain>`` or ``bounce+TOKEN@<bounce domain>``."""
+        return any(route.fullmatch(address) for route in self._inbound_routes)
+
+    async def _campaign(self, ref: str) -> Campaign | None:
+        try:
+            cid, step = parse_campaign_ref(ref)
+        except ValueError:
+            return None
+        return await self.mailer.store.campaigns.get(cid, step)
+
+    async def _audit(self, event: AuditEvent) -> None:
+        try:
+            await self.mailer.store.audit.append([event])
+        except (StoreError, InvalidInputError) as exc:
+            log.error("relay audit record %s lost: %s", event.status, exc)
+
+    async def _audit_refusal(
+        self, address: str, campaign: Campaign | None, rule_ids: tuple[str, ...], why: str
+    ) -> None:
+        a = normalise(address)
+        await self._audit(
+            AuditEvent(
+                kind="send",
+                status="blocked",
+                campaign_id=campaign.id if campaign else None,
+                step=campaign.step if campaign else None,
+                advertiser_id=campaign.advertiser.id if campaign else None,
+                purpose=campaign.purpose if campaign else None,
+                recipient_hash=a.key_hash,
+                recipient_masked=a.masked,
+                transport="relay",
+                rule_ids=rule_ids,
+                details={"stage": "rcpt", "reason": why},
+            )
+        )
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A bug must not become a 5xx that makes the client drop the message: 451."""
+        log.error("relay: unexpected error", exc_info=error)
+        return reply_line(REPLY_TEMPORARY, "internal error, try again later")
+
+    async def handle_MAIL(
+        self,
+        server: RelaySession,
+        session: Any,
+        envelope: RelayEnvelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        """Bind the campaign from the AUTH user or the sender address, when mapped."""
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        if not server.permitted:
+            return "250 2.1.0 OK"  # only opt-out/bounce addresses will be accepted at RCPT
+        user = self.settings.user(server.authenticated_user) if server.authenticated_user else None
+        if user is not None and user.campaign:
+            ref, envelope.bound_by = user.campaign, "auth user"
+        else:
+            ref = self.settings.sender_campaigns.get(address.strip().lower(), "")
+            envelope.bound_by = "sender" if ref else ""
+        if ref:
+            try:
+                envelope.campaign = await self._campaign(ref)
+            except StoreError as exc:
+                envelope.mail_from = None
+                return reply_line(REPLY_TEMPORARY, f"store unavailable: {exc}")
+            if envelope.campaign is None:
+                envelope.mail_from = None
+                return reply_line(
+                    REPLY_TEMPORARY,
+                    f"campaign {ref!r} mapped to this {envelope.bound_by} is not registered "
+                    "(prospect-mailer campaigns add FILE)",
+                )
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(
+        self,
+        server: RelaySession,
+        session: Any,
+        envelope: RelayEnvelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        """Refuse at once every recipient the facts known now already block."""
+        if len(envelope.rcpt_tos) >= self.settings.max_recipients:
+            return "452 4.5.3 Too many recipients for one message"
+        if self.is_inbound(address):
+            # Objections must get through from anywhere, unauthenticated (OPTOUT_MAILTO_INBOUND).
+            if self.inbound is None:
+                return reply_line(REPLY_TEMPORARY, "opt-out by mail is not enabled here yet")
+            return self._accept(envelope, _Rcpt(address, None))
+        if not server.permitted:
+            return reply_line(
+                REPLY_RELAY_DENIED,
+                f"<{address}>: relay access denied (authenticate over TLS or connect "
+                "from an allowed network)",
+            )
+        try:
+            prospect = await self.mailer.store.prospects.get(address)
+        except InvalidAddressError as exc:
+            return reply_line("553 5.1.3", str(exc))
+        except StoreError as exc:
+            return reply_line(REPLY_TEMPORARY, f"store unavailable: {exc}")
+        if prospect is None:
+            why = "not in the prospect registry: the origin of the data is unknown"
+            await self._audit_refusal(address, envelope.campaign, ("RELAY_UNKNOWN_RECIPIENT",), why)
+            return reply_line("550 5.7.1", f"RELAY_UNKNOWN_RECIPIENT: <{address}> is {why}")
+        if envelope.campaign is not None:
+            outcome = await self.mailer.send(prospect, envelope.campaign, dry_run=True)
+            result = recipient_result(address, outcome)
+            if not result.ok:
+                if result.kind == "blocked":
+                    await self._audit_refusal(
+                        address, envelope.campaign, result.rule_ids, outcome.detail
+                    )
+                return result.reply
+        return self._accept(envelope, _Rcpt(address, prospect))
+
+    def _accept(self, envelope: RelayEnvelope, rcpt: _Rcpt) -> str:
+        envelope.rcpt_tos.append(rcpt.address)
+        envelope.recipients.append(rcpt)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: RelaySession, session: Any, envelope: RelayEnvelope) -> str:
+        """Deliver one copy per recipient; 250 only once every allowed one is accepted."""
+        server.busy = True
+        # The transfer timer must not cut off the upstream deliveries.
+        server.rearm_timeout(self.settings.data_timeout + self.settings.command_timeout)
+        try:
+            return await self._data(envelope)
+        finally:
+            server.busy = False
+            server.rearm_timeout(self.settings.command_timeout)
+
+    async def _data(self, envelope: RelayEnvelope) -> str:
+        raw = envelope.original_content or b""
+        where = bare_line_break(raw)
+        if where is not None:
+            return reply_line(
+                "550 5.5.2",
+                f"bare CR or LF at byte {where} of the message: lines must end with CRLF "
+                "(refused as an SMTP smuggling risk)",
+            )
+        inbound = [r for r in envelope.recipients if r.prospect is None]
+        prospects = [r for r in envelope.recipients if r.prospect is not None]
+        results: list[RecipientResult] = []
+        message: EmailMessage | None = None
+        if prospects:
+            try:
+                message = parse_message(raw)
+            except InvalidMessageError as exc:
+                return reply_line("554 5.6.0", str(exc))
+            campaign, refusal = await self._bind_at_data(envelope, message)
+            if refusal is not None:
+                if not inbound:
+                    return refusal
+                results += [RecipientResult(r.address, "refused", refusal) for r in prospects]
+            else:
+                assert campaign is not None
+                results += await self._deliver(envelope, message, campaign, prospects, raw)
+        results += await asyncio.gather(*(self._inbound(r.address, raw) for r in inbound))
+        reply, refused = message_reply(results)
+        if refused and envelope.mail_from not in (None, "", "<>"):
+            try:
+                await self.dsn_transport.send(
+                    build_dsn(
+                        original=raw,
+                        envelope_sender=envelope.mail_from,
+                        refused=refused,
+                        reporting_host=self.settings.hostname,
+                    ),
+                    sender="",
+                    recipients=[envelope.mail_from],
+                )
+            except Exception as exc:  # any failure: the client must keep the message
+                log.warning("DSN to the sender failed, asking for a retry: %s", exc)
+                return reply_line(REPLY_TEMPORARY, f"could not notify the sender: {exc}")
+        return reply
+
+    async def _bind_at_data(
+        self, envelope: RelayEnvelope, message: EmailMessage
+    ) -> tuple[Campaign | None, str | None]:
+        """The campaign for this message, or the reply refusing it."""
+        refs = {str(v).strip() for v in message.get_all("X-Prospect-Campaign", [])}
+        campaign = envelope.campaign
+        if len(refs) > 1:
+            return None, reply_line("550 5.7.1", "RELAY_CAMPAIGN_MISMATCH: several campaigns")
+        if refs:
+            (ref,) = refs
+            try:
+                named = await self._campaign(ref)
+            except StoreError as exc:
+                return None, reply_line(REPLY_TEMPORARY, f"store unavailable: {exc}")
+            if named is None:
+                return None, reply_line(
+                    "550 5.7.1", f"RELAY_UNKNOWN_CAMPAIGN: campaign {ref!r} is not registered"
+                )
+            if campaign is not None and (campaign.id, campaign.step) != (named.id, named.step):
+                return None, reply_line(
+                    "550 5.7.1",
+                    f"RELAY_CAMPAIGN_MISMATCH: X-Prospect-Campaign {ref!r} differs from the "
+                    f"campaign bound to this {envelope.bound_by}",
+                )
+            campaign = named
+        if campaign is None:
+            return None, reply_line(
+                "550 5.7.1",
+                "RELAY_NO_CAMPAIGN: name a registered campaign in X-Prospect-Campaign, or map "
+                "the sender or AUTH user to one in the relay settings",
+            )
+        return campaign, None
+
+    async def _deliver(
+        self,
+        envelope: RelayEnvelope,
+        message: EmailMessage,
+        campaign: Campaign,
+        rcpts: list[_Rcpt],
+        raw: bytes,
+    ) -> list[RecipientResult]:
+        for name in {k for k in message if k.lower().startswith(_PROSPECT_HEADER)}:
+            del message[name]  # relay metadata, never for the recipient
+        message_id = str(message.get("Message-ID", "")).strip()
+        if not message_id:
+            # Derived from the bytes, so the client's retry of this message gets the same key.
+            message_id = f"<{hashlib.sha256(raw).hexdigest()[:32]}@{self.settings.hostname}>"
+            message["Message-ID"] = message_id
+            await self._audit(
+                AuditEvent(
+                    kind="relay",
+                    status="message-id-added",
+                    campaign_id=campaign.id,
+                    step=campaign.step,
+                    message_id=message_id,
+                    transport="relay",
+                    details={"reason": "the client's message had no Message-ID"},
+                )
+            )
+        key = message_id
+        if len(key) > 255:
+            key = "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+        limit = asyncio.Semaphore(self.settings.concurrency)
+
+        async def one(rcpt: _Rcpt) -> RecipientResult:
+            assert rcpt.prospect is not None
+            async with limit:
+                try:
+                    outcome = await self.mailer.send(
+                        rcpt.prospect, campaign, message=message, message_key=key
+                    )
+                except InvalidInputError as exc:
+                    return RecipientResult(
+                        rcpt.address, "refused", reply_line("554 5.6.0", str(exc))
+                    )
+            return recipient_result(rcpt.address, outcome)
+
+        return list(await asyncio.gather(*(one(r) for r in rcpts)))
+
+    async def _inbound(self, address: str, raw: bytes) -> RecipientResult:
+        assert self.inbound is not None  # refused at RCPT otherwise
+        try:
+            answer = await self.inbound(self.optout, address, raw)
+        except Exception as exc:  # the objection must not be lost: ask for a retry
+            log.error("inbound handler failed for an opt-out/bounce address: %s", exc)
+            return RecipientResult(address, "temporary", reply_line(REPLY_TEMPORARY, str(exc)))
+        return inbound_result(address, answer.accepted, answer.reply)

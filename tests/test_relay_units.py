@@ -1,0 +1,220 @@
+"""The relay's pure parts and its edges: reply mapping, passwords, settings, DKIM, CLI, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from relay_fixtures import MARIE, MakeRelayEnv, relay_message, smtp_exchange, wire
+from smtp_fixtures import SMTPTestServer
+
+from prospect_mailer.campaigns import load_relay_campaign, parse_campaign_ref
+from prospect_mailer.cli import main
+from prospect_mailer.config import load_settings
+from prospect_mailer.errors import ConfigError
+from prospect_mailer.models import Outcome
+from prospect_mailer.relay_config import RelaySettings, hash_password, verify_password
+from prospect_mailer.relay_handler import bare_line_break
+from prospect_mailer.relay_replies import RecipientResult, message_reply, recipient_result
+from prospect_mailer.store import Store
+from prospect_mailer.transport import SMTPTransport
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def outcome(status: str, **kw: object) -> Outcome:
+    return Outcome(email="a@b.example", status=status, **kw)  # type: ignore[arg-type]
+
+
+def test_outcomes_map_to_replies() -> None:
+    r = recipient_result
+    assert r("a", outcome("sent")).reply.startswith("250 2.0.0")
+    assert r("a", outcome("duplicate")).kind == "duplicate"
+    assert r("a", outcome("allowed")).reply.startswith("250 2.1.5")
+    blocked = r("a", outcome("blocked", rule_ids=("SUPP_CHECK_AT_SEND",), detail="x\ny"))
+    assert blocked.reply == "550 5.7.1 SUPP_CHECK_AT_SEND: x y"
+    assert r("a", outcome("deferred", detail="down")).reply == "451 4.3.0 down"
+    store_down = r("a", outcome("failed", rule_ids=("SUPP_CHECK_AT_SEND",), detail="store"))
+    assert store_down.kind == "temporary"  # fail closed, but the client keeps the message
+    refused = r("a", outcome("failed", smtp_code=552, smtp_reply="5.3.4 too big"))
+    assert refused.reply == "552 5.3.4 too big"
+    assert r("a", outcome("failed", smtp_code=550, smtp_reply="no")).reply == "550 5.0.0 no"
+    composed = r("a", outcome("failed", detail="message could not be composed: bad"))
+    assert composed.reply.startswith("554 5.6.0")
+
+
+def test_message_reply_aggregates() -> None:
+    ok = RecipientResult("a", "delivered", "250 2.0.0 delivered")
+    dup = RecipientResult("b", "duplicate", "250 2.0.0 again")
+    blocked = RecipientResult("c", "blocked", "550 5.7.1 R", ("R",))
+    temp = RecipientResult("d", "temporary", "451 4.3.0 upstream down")
+    assert message_reply([ok, blocked, temp]) == ("451 4.3.0 upstream down", [])
+    assert message_reply([ok, dup]) == ("250 2.0.0 2 delivered (1 by an earlier attempt)", [])
+    reply, dsn = message_reply([ok, blocked])
+    assert reply.startswith("250 2.0.0")
+    assert dsn == [blocked]
+    assert message_reply([blocked]) == ("550 5.7.1 R", [])
+    reply, dsn = message_reply([blocked, blocked])
+    assert reply.startswith("550 5.7.1 every recipient blocked")
+    assert dsn == []
+
+
+def test_bare_line_breaks() -> None:
+    assert bare_line_break(b"a\r\nb\r\n") is None
+    assert bare_line_break(b"a\r\nb\n") == 4
+    assert bare_line_break(b"a\rb\r\n") == 1
+    assert bare_line_break(b"a\r\r\n") == 1
+
+
+def test_password_hash_round_trip_and_refusals() -> None:
+    stored = hash_password("s3cret")
+    assert stored.startswith("scrypt$")
+    assert "s3cret" not in stored
+    assert verify_password(b"s3cret", stored)
+    assert not verify_password(b"S3cret", stored)
+    assert not verify_password(b"s3cret", "plain:s3cret")
+    assert not verify_password(b"s3cret", "scrypt$1$2$3$!!$!!")
+    with pytest.raises(ValueError, match="never a password"):
+        RelaySettings(users=[{"username": "crm", "password_hash": "s3cret"}])  # type: ignore[list-item]
+
+
+def test_relay_settings_from_toml_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "prospect-mailer.toml"
+    config.write_text(
+        '[relay]\nlisten = "0.0.0.0:2526"\nallowed_networks = ["10.0.0.0/8"]\n'
+        '[relay.sender_campaigns]\n"CRM@Acme.example" = "spring:2"\n',
+        "utf-8",
+    )
+    monkeypatch.setenv("PROSPECT_MAILER_CONFIG", str(config))
+    monkeypatch.setenv("PROSPECT_MAILER_RELAY__MAX_RECIPIENTS", "7")
+    s = load_settings()
+    assert s.relay.listen == "0.0.0.0:2526"
+    assert s.relay.max_recipients == 7
+    assert s.relay.sender_campaigns == {"crm@acme.example": "spring:2"}
+    assert parse_campaign_ref("spring:2") == ("spring", 2)
+    monkeypatch.setenv("PROSPECT_MAILER_RELAY__ALLOWED_NETWORKS", '["not-a-network"]')
+    with pytest.raises(ConfigError, match="allowed_networks"):
+        load_settings()
+
+
+def test_campaign_files_without_templates_and_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    relay_only = tmp_path / "relay-only.toml"
+    relay_only.write_text(
+        'id = "crm-2026"\nstep = 2\npurpose = "prospecting"\nsubject = "Offre"\n'
+        'from = "ACME <ventes@acme.example>"\n[advertiser]\nid = "acme"\n',
+        "utf-8",
+    )
+    assert load_relay_campaign(relay_only).from_name == "ACME"
+    monkeypatch.setenv("PROSPECT_MAILER_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path}/db.db")
+    monkeypatch.delenv("PROSPECT_MAILER_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["campaigns", "add", str(EXAMPLES / "campaign.toml"), str(relay_only)]) == 0
+    assert main(["campaigns", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "capteurs-printemps-2026" in out
+    assert "crm-2026:2" in out
+    bad = tmp_path / "bad.toml"
+    bad.write_text('id = "x"\npurpose = "spam"\n', "utf-8")
+    assert main(["campaigns", "add", str(bad)]) == 2
+
+
+async def test_dkim_signature_covers_and_over_signs_list_unsubscribe(
+    make_relay_env: MakeRelayEnv, smtpd_server: SMTPTestServer
+) -> None:
+    dkim = pytest.importorskip("dkim", reason="dkimpy not installed (the 'dkim' extra)")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from prospect_mailer.relay_dkim import DKIMSigner, DKIMTransport, signed_headers
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    txt = b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
+    signer = DKIMSigner(pem, selector="s1", domain="acme.example")
+    upstream = SMTPTransport(smtpd_server.host, smtpd_server.port, timeout=5)
+    env = await make_relay_env(transport=DKIMTransport(upstream, signer))
+    ex = await smtp_exchange(env.port, [MARIE], wire(relay_message(MARIE)))
+    assert ex.data is not None
+    assert ex.data[0] == 250, ex.data
+    (data,) = env.received_by(MARIE)
+    assert data.startswith(b"DKIM-Signature:")
+
+    def dns(name: bytes, timeout: int = 5) -> bytes:
+        assert name == b"s1._domainkey.acme.example."
+        return txt
+
+    assert dkim.verify(data, dnsfunc=dns)
+    header = data.split(b"\r\n\r\n", 1)[0].split(b"\r\nFrom:", 1)[0]
+    covered = signed_headers(header)
+    assert covered.count("list-unsubscribe") == 2  # over-signed: a second copy breaks it
+    assert covered.count("list-unsubscribe-post") == 2
+    # Appending a second List-Unsubscribe in transit invalidates the signature.
+    forged = data.replace(b"\r\n\r\n", b"\r\nList-Unsubscribe: <https://evil.example/>\r\n\r\n", 1)
+    assert not dkim.verify(forged, dnsfunc=dns)
+
+
+async def test_relay_command_serves_and_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
+    env = os.environ | {
+        "PROSPECT_MAILER_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/db.db",
+        "PROSPECT_MAILER_OUTBOX_DIR": str(tmp_path / "outbox"),
+        "PROSPECT_MAILER_SECRET_KEY": "k" * 32,
+        "PROSPECT_MAILER_RELAY__CAMPAIGNS_DIR": str(tmp_path / "campaigns"),
+    }
+    (tmp_path / "campaigns").mkdir()
+    (tmp_path / "campaigns" / "crm.toml").write_text(
+        'id = "crm"\npurpose = "prospecting"\nsubject = "Offre"\n'
+        'from = "ventes@acme.example"\n[advertiser]\nid = "acme"\n',
+        "utf-8",
+    )
+    env.pop("PROSPECT_MAILER_CONFIG", None)
+    code = "from prospect_mailer.cli import main; raise SystemExit(main())"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, "relay", "--listen", "127.0.0.1:0",
+        cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert "relay listening on 127.0.0.1:" in line, line
+        port = int(line.split("127.0.0.1:", 1)[1].split(",", 1)[0])
+        # No prospect registered: refused at RCPT, origin unknown.
+        ex = await smtp_exchange(port, [MARIE], None)
+        assert ex.rcpt[MARIE][0] == 550
+        assert "RELAY_UNKNOWN_RECIPIENT" in ex.rcpt[MARIE][1]
+        proc.send_signal(signal.SIGTERM)
+        rest = (await asyncio.wait_for(proc.stdout.read(), 30)).decode()
+        assert await proc.wait() == 0, rest
+        assert "relay stopped" in rest
+        assert await registered_campaigns(tmp_path) == ["crm"]  # campaigns_dir was registered
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def test_example_relay_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROSPECT_MAILER_CONFIG", str(EXAMPLES / "relay.toml"))
+    relay = load_settings().relay
+    assert relay.user("crm") is not None
+    assert relay.sender_campaigns["claire.martin@acme-capteurs.example"]
+    assert relay.campaigns_dir is None
+
+
+async def registered_campaigns(folder: Path) -> list[str]:
+    async with Store.connect(f"sqlite+aiosqlite:///{folder}/db.db") as store:
+        return [c.id for c in await store.campaigns.list()]

@@ -1,0 +1,119 @@
+"""Helpers shared by the unsubscribe tests (web, inbound, browser): a real send to object to.
+
+Every token these tests use comes from a message the library actually composed: the
+List-Unsubscribe header (HTTPS and mailto) and the VERP envelope sender.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from typing import Any
+
+from prospect_mailer.mailer import ProspectMailer
+from prospect_mailer.models import Advertiser, Campaign, Outcome, Prospect
+from prospect_mailer.optout import OptOutService
+from prospect_mailer.store import Store
+from prospect_mailer.tokens import TokenSigner
+from prospect_mailer.transport import MemoryTransport
+
+KEY = "test-signing-key-0123456789abcdef"
+BASE = "https://optout.acme.example"
+MAILTO_DOMAIN = "optout.acme.example"
+BOUNCE_DOMAIN = "bounces.acme.example"
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+CAMPAIGN = Campaign(
+    id="spring",
+    purpose="prospecting",
+    subject="Capteurs connectés",
+    from_address="ventes@acme.example",
+    from_name="ACME Ventes",
+    advertiser=Advertiser(
+        id="acme",
+        legal_name="ACME SAS",
+        postal_address="1 rue de la Paix, 75002 Paris",
+        contact="dpo@acme.example",
+    ),
+    category="sensors",
+    target_functions=("CTO",),
+    text_template="Bonjour {{ prospect.name }},\nNos capteurs.\n",
+    html_template="<html><body><p>Bonjour {{ prospect.name }}</p></body></html>",
+)
+
+
+def b2b(email_addr: str, **kw: Any) -> Prospect:
+    """A professional prospect the default profile allows."""
+    base: dict[str, Any] = dict(
+        email=email_addr,
+        name="Marie Curie",
+        recipient_type="professional",
+        legal_basis="legitimate_interest",
+        source_type="public",
+        source_name="Annuaire des entreprises",
+        collection_method="annuaire professionnel",
+        job_function="CTO",
+        optout_offered_at_collection=True,
+        collected_at=datetime(2026, 10, 1, tzinfo=UTC),
+    )
+    base.update(kw)
+    return Prospect(**base)
+
+
+def make_mailer(store: Store, transport: MemoryTransport, **kw: Any) -> ProspectMailer:
+    """A mailer with VERP bounces and a mailto unsubscribe address."""
+    options: dict[str, Any] = dict(
+        base_url=BASE, mailto_domain=MAILTO_DOMAIN, bounce_domain=BOUNCE_DOMAIN
+    )
+    options.update(kw)
+    return ProspectMailer(
+        store=store,
+        transport=transport,
+        signer=TokenSigner([KEY]),
+        clock=lambda: NOW,
+        **options,
+    )
+
+
+def make_optout(store: Store, **kw: Any) -> OptOutService:
+    """The objection service over the same store and key as :func:`make_mailer`."""
+    return OptOutService(store, TokenSigner([KEY]), **kw)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One message the library sent, and the ways to object that it carries."""
+
+    outcome: Outcome
+    message: EmailMessage
+    url: str  # the HTTPS one-click URL
+    token: str  # its token
+    mailto: str  # unsubscribe+TOKEN@domain
+    verp: str  # bounce+TOKEN@domain (the envelope sender)
+
+
+_LIST_UNSUB = re.compile(
+    r"<(https://[^/>]+/unsubscribe/([^>]+))>, <mailto:(unsubscribe\+[a-z2-7]+@[^>]+)>"
+)
+
+
+async def send_one(
+    mailer: ProspectMailer, transport: MemoryTransport, address: str, campaign: Campaign = CAMPAIGN
+) -> Sent:
+    """Send one message with the library and read its unsubscribe coordinates."""
+    outcome = await mailer.send(b2b(address), campaign)
+    assert outcome.status == "sent", outcome
+    sent = transport.sent[-1]
+    m = _LIST_UNSUB.fullmatch(str(sent.message["List-Unsubscribe"]))
+    assert m, sent.message["List-Unsubscribe"]
+    assert sent.sender.startswith("bounce+")
+    return Sent(outcome, sent.message, m.group(1), m.group(2), m.group(3), sent.sender)
+
+
+async def is_blocked(mailer: ProspectMailer, address: str, campaign: Campaign = CAMPAIGN) -> bool:
+    """Whether a new send (a later campaign step, ``force``) to ``address`` is refused now."""
+    outcome = await mailer.send(b2b(address), campaign, force=True)
+    assert outcome.status in ("sent", "blocked"), outcome
+    return outcome.status == "blocked"
