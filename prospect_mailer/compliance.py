@@ -383,8 +383,10 @@ def apply_compliance(
     )
     if "Message-ID" not in msg:
         msg["Message-ID"] = make_msgid(domain=message_id_domain)
+    # Short ASCII values of our own, written as they are: stored raw rather than parsed into
+    # header objects that nobody reads here (a reader still gets one, as for any parsed header).
     if "Date" not in msg:
-        msg["Date"] = format_datetime(now if now.tzinfo else now.replace(tzinfo=UTC))
+        msg.set_raw("Date", format_datetime(now if now.tzinfo else now.replace(tzinfo=UTC)))
     if "MIME-Version" not in msg:
-        msg["MIME-Version"] = "1.0"
+        msg.set_raw("MIME-Version", "1.0")
     return msg

@@ -17,6 +17,7 @@ from .compliance import FooterContext, FooterRenderer, apply_compliance
 from .fastmime import compose_bytes
 from .models import Campaign, Decision, Prospect
 from .tokens import TokenSigner, UnsubscribeToken
+from .transport import wire_bytes
 
 __all__ = ["Composer"]
 
@@ -163,3 +164,19 @@ class Composer:
             list_unsubscribe_mailto=mailto,
         )
         return data, message_id, token_id, footers.template_hash
+
+    def compose_wire(
+        self,
+        prospect: Prospect,
+        address: NormalisedAddress,
+        campaign: Campaign,
+        decision: Decision,
+        send_id: str,
+        now: datetime,
+        given: EmailMessage | None,
+    ) -> tuple[bytes, str, str, str]:
+        """:meth:`compose`, then serialised to wire bytes (for a worker thread)."""
+        message, message_id, token_id, template_hash = self.compose(
+            prospect, address, campaign, decision, send_id, now, given
+        )
+        return wire_bytes(message), message_id, token_id, template_hash

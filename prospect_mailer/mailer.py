@@ -23,7 +23,7 @@ from .config import PLACEHOLDER_BASE_URL, Settings, load_settings
 from .errors import (
     ConfigError,
 )
-from .mime import parse_message
+from .mime import check_headers_safe, parse_message
 from .models import Campaign, Outcome, Prospect
 from .pipeline import Options, Pipeline
 from .store import (
@@ -218,9 +218,21 @@ class ProspectMailer:
         Raises:
             InvalidMessageError: ``message`` cannot be processed safely.
         """
-        # Parsed (and its headers checked for CVE-2024-6923 style CR/LF) before any decision.
-        parsed = parse_message(message) if message is not None else None
-        options = Options(force=force, dry_run=dry_run, message=parsed, message_key=message_key)
+        # Headers checked (CVE-2024-6923 style CR/LF) before any decision. A message object is
+        # not copied here: the compliance step works on its own copy per recipient and never
+        # changes the caller's object, so one copy per send is enough.
+        parsed: EmailMessage | None
+        if isinstance(message, bytes | bytearray):
+            parsed = parse_message(bytes(message))
+        elif message is not None:
+            check_headers_safe(message)
+            parsed = message
+        else:
+            parsed = None
+        big = parsed is not None and _approx_size(parsed) > BIG_MESSAGE
+        options = Options(
+            force=force, dry_run=dry_run, message=parsed, message_key=message_key, big=big
+        )
         async for outcome in self.pipeline.run([prospect], campaign, options, None, 1):
             return outcome
         raise AssertionError("unreachable: one prospect gives one outcome")  # pragma: no cover
@@ -282,3 +294,17 @@ class ProspectMailer:
     def envelope_sender(self, campaign: Campaign, send_id: str) -> str:
         """MAIL FROM for a send (a VERP ``bounce+TOKEN@`` address when configured)."""
         return self.composer.envelope_sender(campaign, send_id)
+
+
+#: A caller's message larger than this is composed and serialised off the event loop.
+BIG_MESSAGE = 256 * 1024
+
+
+def _approx_size(message: EmailMessage) -> int:
+    """Sum of the encoded payload lengths (cheap: no header is parsed)."""
+    total = 0
+    for part in message.walk():
+        payload = part.get_payload()
+        if isinstance(payload, str | bytes):
+            total += len(payload)
+    return total

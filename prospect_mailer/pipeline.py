@@ -16,6 +16,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from datetime import datetime
+from email.message import EmailMessage
 from typing import Literal
 
 from jinja2 import TemplateError
@@ -33,6 +34,7 @@ from .errors import (
 from .models import Campaign, Outcome, Prospect
 from .sendplan import (
     Finisher,
+    GroupCommit,
     Item,
     Options,
     Plan,
@@ -43,7 +45,9 @@ from .sendplan import (
 )
 from .store import (
     AuditEvent,
+    AuditRecord,
     ClaimRequest,
+    ClaimResult,
     Store,
 )
 from .transport import Transport
@@ -77,6 +81,11 @@ class Pipeline:
         self.clock = clock
         self.transport_label = transport_label
         self.concurrency = concurrency
+        # Shared by every send of this pipeline, so concurrent sends (the relay's sessions,
+        # several send_many calls) share transactions too.
+        self._claims: GroupCommit[ClaimRequest, ClaimResult] = GroupCommit(store.claims.claim_many)
+        self._events: GroupCommit[AuditEvent, AuditRecord] = GroupCommit(store.audit.append)
+        self._finisher = Finisher(store)
 
     async def run(
         self,
@@ -89,7 +98,7 @@ class Pipeline:
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
         limit = asyncio.Semaphore(concurrency or self.concurrency)
-        finisher = Finisher(self.store)
+        finisher = self._finisher
         async for chunk in chunks(prospects, chunk_size):
             async for outcome in self.chunk(chunk, campaign, options, limit, finisher):
                 yield outcome
@@ -223,7 +232,7 @@ class Pipeline:
         try:
             # Durable before any transport is called: blocks, duplicates and `pending`.
             if events:
-                await self.store.audit.append(events)
+                await self._events.submit(events)
         except StoreError as exc:
             log.error("audit unavailable, %d recipients not sent: %s", len(allowed), exc)
             failed = [p for p in allowed if p.message is not None]
@@ -279,7 +288,11 @@ class Pipeline:
             for p in allowed
         ]
         try:
-            claims = await self.store.claims.claim_many(requests, force=options.force)
+            claims = (
+                await self.store.claims.claim_many(requests, force=True)
+                if options.force
+                else await self._claims.submit(requests)
+            )
         except StoreError as exc:
             log.error("claims unavailable, %d recipients not sent: %s", len(allowed), exc)
             for p in allowed:
@@ -301,16 +314,19 @@ class Pipeline:
                     f"step {campaign.step}; not sent again",
                 )
                 continue
+            args = (p.item.prospect, p.item.address, campaign, p.decision, p.send_id, now)
+            message: EmailMessage | bytes
             try:
-                message, message_id, token_id, template_hash = self.composer.compose(
-                    p.item.prospect,
-                    p.item.address,
-                    campaign,
-                    p.decision,
-                    p.send_id,
-                    now,
-                    options.message,
-                )
+                if options.big:
+                    # Seconds of email-package work for a big message: in a worker thread,
+                    # straight to wire bytes, so the loop keeps serving other sessions.
+                    message, message_id, token_id, template_hash = await asyncio.to_thread(
+                        self.composer.compose_wire, *args, options.message
+                    )
+                else:
+                    message, message_id, token_id, template_hash = self.composer.compose(
+                        *args, options.message
+                    )
             except (ConfigError, InvalidInputError, TemplateError, UnicodeError) as exc:
                 detail = f"message could not be composed: {exc}"
                 events.append(p.event("failed", extra={"error": detail}))

@@ -48,6 +48,9 @@ __all__ = ["InboundHandler", "InboundReply", "RelayEnvelope", "RelayHandler", "b
 
 log = logging.getLogger("prospect_mailer.relay")
 
+#: Messages larger than this are parsed and composed off the event loop (bytes).
+BIG_MESSAGE = 256 * 1024
+
 # A CR or LF that is not part of a CRLF pair. Servers disagree on what such a byte means, and
 # that disagreement is SMTP smuggling (a second message hidden in the first); Postfix's
 # smtpd_forbid_bare_newline=reject refuses it outright, and so do we.
@@ -264,7 +267,11 @@ class RelayHandler(RelayAuth):
 
     async def _data(self, envelope: RelayEnvelope) -> str:
         raw = envelope.original_content or b""
-        where = bare_line_break(raw)
+        where = (
+            await asyncio.to_thread(bare_line_break, raw)
+            if len(raw) > BIG_MESSAGE
+            else bare_line_break(raw)
+        )
         if where is not None:
             return reply_line(
                 "550 5.5.2",
@@ -277,7 +284,13 @@ class RelayHandler(RelayAuth):
         message: EmailMessage | None = None
         if prospects:
             try:
-                message = parse_message(raw)
+                # A big message is parsed in a worker thread: other sessions keep being
+                # answered meanwhile (the email package would hold the loop for seconds).
+                message = (
+                    await asyncio.to_thread(parse_message, raw)
+                    if len(raw) > BIG_MESSAGE
+                    else parse_message(raw)
+                )
             except InvalidMessageError as exc:
                 return reply_line("554 5.6.0", str(exc))
             campaign, refusal = await self._bind_at_data(envelope, message)

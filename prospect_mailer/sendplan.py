@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from . import policy
 from .addresses import NormalisedAddress
@@ -15,6 +15,7 @@ from .store import AuditEvent, ClaimStatus, FinishRequest, Store, SuppressionHit
 
 __all__ = [
     "Finisher",
+    "GroupCommit",
     "Item",
     "Options",
     "Plan",
@@ -24,6 +25,9 @@ __all__ = [
     "suppression_match",
 ]
 
+Req = TypeVar("Req")
+Res = TypeVar("Res")
+
 
 @dataclass(frozen=True, slots=True)
 class Options:
@@ -31,6 +35,7 @@ class Options:
     dry_run: bool = False
     message: EmailMessage | None = None  # the caller's message (relay) instead of templates
     message_key: str = ""
+    big: bool = False  # compose and serialise off the event loop (a large caller's message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,37 +92,65 @@ def failed_outcome(p: Plan, detail: str) -> Outcome:
     return Outcome(email=p.item.prospect.email, status="failed", send_id=p.send_id, detail=detail)
 
 
+class GroupCommit(Generic[Req, Res]):
+    """Group commit: whatever concurrent callers submit while the previous batch is being
+    committed goes into the next single call of ``commit`` (one transaction, one fsync).
+
+    Each caller gets the results for its own items, and resumes only once they are durable;
+    an error reaches every caller of that batch. The database still decides everything
+    (uniqueness, ordering): this only groups work.
+    """
+
+    def __init__(self, commit: Callable[[list[Req]], Awaitable[Sequence[Res]]]) -> None:
+        self._commit = commit
+        self._queue: list[tuple[list[Req], asyncio.Future[list[Res]]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, items: Sequence[Req]) -> list[Res]:
+        """Commit ``items`` with whatever else is queued; return their results in order."""
+        if not items:
+            return []
+        future: asyncio.Future[list[Res]] = asyncio.get_running_loop().create_future()
+        self._queue.append((list(items), future))
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._drain())
+        # Shielded: a cancelled caller does not cancel the commit others wait for.
+        return await asyncio.shield(future)
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            flat = [item for items, _ in batch for item in items]
+            try:
+                results = list(await self._commit(flat))
+            except Exception as exc:
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(exc)
+                continue
+            at = 0
+            for items, f in batch:
+                if not f.done():
+                    f.set_result(results[at : at + len(items)])
+                at += len(items)
+
+
 class Finisher:
     """Group commit of send results: claim updates and audit records of whatever finished
     while the previous batch was committing go in one pair of transactions. Each caller
     resumes only once its own records are durable."""
 
     def __init__(self, store: Store) -> None:
-        self._store = store
-        self._queue: list[tuple[FinishRequest, AuditEvent, asyncio.Future[None]]] = []
-        self._task: asyncio.Task[None] | None = None
+        async def commit(items: list[tuple[FinishRequest, AuditEvent]]) -> list[None]:
+            await store.claims.finish_many([r for r, _ in items])
+            await store.audit.append([e for _, e in items])
+            return [None] * len(items)
+
+        self._group: GroupCommit[tuple[FinishRequest, AuditEvent], None] = GroupCommit(commit)
 
     async def submit(self, request: FinishRequest, event: AuditEvent) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((request, event, future))
-        if self._task is None or self._task.done():
-            self._task = asyncio.ensure_future(self._drain())
-        await asyncio.shield(future)
-
-    async def _drain(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue, []
-            try:
-                await self._store.claims.finish_many([r for r, _, _ in batch])
-                await self._store.audit.append([e for _, e, _ in batch])
-            except Exception as exc:
-                for _, _, f in batch:
-                    if not f.done():
-                        f.set_exception(exc)
-            else:
-                for _, _, f in batch:
-                    if not f.done():
-                        f.set_result(None)
+        """Record one send's result; returns once it is durable."""
+        await self._group.submit([(request, event)])
 
 
 def suppression_match(hit: SuppressionHit) -> policy.SuppressionMatch:

@@ -554,6 +554,83 @@ def test_rfc2231_parameter_with_line_break_in_attachment_refused() -> None:
         apply(raw)
 
 
+@pytest.mark.parametrize("char", ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e"])
+def test_header_with_other_splitlines_break_refused(char: str) -> None:
+    # EmailPolicy writes a source value back as linesep.join(value.splitlines()): any of these
+    # would become a real line break, i.e. an injected "Bcc:" header line.
+    header = f"Subject: offre{char}Bcc: x@evil.example".encode()
+    raw = b"From: a@example.com\n" + header + b"\n" + text_leaf("plain", "x\n", "utf-8", "8bit")
+    with pytest.raises(InvalidMessageError, match="header 'Subject'"):
+        apply(raw)
+    with pytest.raises(InvalidMessageError):
+        apply(parse(raw))
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"Subject: =?utf-8?q?a b=0D=0ABcc:_x@evil.example?=",  # white space inside the word
+        b"X-Note: see =?utf-8?b?YQ0KQ?= here",  # bad base64 padding, decoded leniently
+        b"X-Note: x; name*=utf-7''+AA0-",  # RFC 2231, no percent sign: UTF-7 "\r"
+        b"X-Note: x; name*0*=utf-8''a; name*1*=%0A",  # RFC 2231 continuation
+    ],
+)
+def test_lax_encodings_decoding_to_line_break_refused(header: bytes) -> None:
+    raw = b"From: a@example.com\n" + header + b"\n" + text_leaf("plain", "x\n", "utf-8", "8bit")
+    with pytest.raises(InvalidMessageError, match=r"header '(Subject|X-Note)'"):
+        apply(raw)
+
+
+def test_utf7_rfc2231_filename_refused() -> None:
+    evil = "Content-Disposition: attachment; filename*=utf-7''a+AA0ACg-X-Evil: 1\n"
+    att = leaf("application/pdf", b"JVBERg==\n", cte="base64", extra=evil)
+    raw = HEADERS + multipart("mixed", text_leaf("plain", "x\n", "utf-8", "8bit"), att)
+    with pytest.raises(InvalidMessageError, match="Content-Disposition"):
+        apply(raw)
+
+
+def test_result_reads_like_policy_default() -> None:
+    raw = (
+        b"From: =?utf-8?q?Zo=C3=A9?= <zoe@example.com>\nTo: a@example.org, b@example.org\n"
+        b"Subject: =?utf-8?q?Caf=C3=A9?=\n"
+    ) + text_leaf("plain", "x\n", "utf-8", "8bit")
+    out = apply(raw)
+    ref = parse(raw)
+    for name in ("From", "To", "Subject", "Content-Type", "Content-Transfer-Encoding"):
+        assert str(out[name]) == str(ref[name]), name
+        assert type(out[name]).__mro__[1:] == type(ref[name]).__mro__[1:], name
+    assert [a.addr_spec for a in out["To"].addresses] == ["a@example.org", "b@example.org"]
+    assert out["Content-Type"].params == {"charset": "utf-8"}
+    assert str(out["Subject"]) == "Café"
+    body = out.get_body(("plain",))
+    assert body is not None
+    assert FOOTERS.text in body.get_content()
+    assert out.as_bytes(policy=out.policy.clone(linesep="\r\n")) == out.as_bytes().replace(
+        b"\n", b"\r\n"
+    )
+
+
+def test_caller_message_without_boundary_left_alone() -> None:
+    msg = api_message()
+    msg.add_attachment(PDF, maintype="application", subtype="pdf", filename="offre.pdf")
+    assert msg.get_boundary() is None  # the generator would set one on what it flattens
+    before = [(p.get_content_type(), list(p.raw_items())) for p in msg.walk()]
+    out = apply(msg)
+    assert msg.get_boundary() is None
+    assert [(p.get_content_type(), list(p.raw_items())) for p in msg.walk()] == before
+    assert msg.policy is policy.default
+    assert out.get_boundary() is not None
+
+
+def test_caller_message_with_boundary_left_alone() -> None:
+    msg = parse(HEADERS + multipart("mixed", text_leaf("plain", "x\n", "utf-8", "8bit")))
+    original = msg.as_bytes()
+    apply(msg)
+    apply(apply(msg))  # a message of ours in, as the relay does
+    assert msg.as_bytes() == original
+    assert msg.policy is policy.default
+
+
 def test_check_headers_safe_accepts_normal_and_encoded_headers() -> None:
     msg = api_message()
     msg["X-Greeting"] = "Café crème, déjà"

@@ -26,6 +26,7 @@ from sqlalchemy import ColumnElement, and_, select, update
 
 from ..errors import InvalidInputError
 from .engine import Database
+from .fastread import SQLiteReader
 from .suppression import check_hash
 from .tables import AUDIT_EVENTS, SEND_CLAIMS
 
@@ -131,8 +132,9 @@ def _check_id(name: str, value: str) -> None:
 class SendClaims:
     """The send claims in the store (``store.claims``)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, reader: SQLiteReader | None = None) -> None:
         self._db = db
+        self.reader = reader  # SQLite: direct reads for the per-send hot path
 
     @staticmethod
     def _key(
@@ -396,6 +398,14 @@ class SendClaims:
         t = SEND_CLAIMS
         wanted = list(dict.fromkeys(recipient_hashes))
         found: set[str] = set()
+        if self.reader is not None and not self._db.closed:
+            rows = await self.reader.fetch_in(
+                "SELECT DISTINCT recipient_hash FROM send_claims WHERE advertiser_id = ?"
+                " AND status IN ('sent', 'pending') AND recipient_hash IN (?*)",
+                [advertiser_id],
+                wanted,
+            )
+            return {r[0] for r in rows}
         async with self._db.connection("reading prior contacts") as conn:
             for start in range(0, len(wanted), _CHUNK):
                 stmt = (
@@ -428,6 +438,14 @@ class SendClaims:
         t = SEND_CLAIMS
         wanted = list(dict.fromkeys(recipient_hashes))
         found: dict[str, ClaimStatus] = {}
+        if self.reader is not None and not self._db.closed:
+            rows = await self.reader.fetch_in(
+                "SELECT recipient_hash, status FROM send_claims WHERE campaign_id = ?"
+                " AND step = ? AND message_key = ? AND recipient_hash IN (?*)",
+                [campaign_id, step, message_key],
+                wanted,
+            )
+            return {key: cast(ClaimStatus, status) for key, status in rows}
         async with self._db.connection("reading send claims") as conn:
             for start in range(0, len(wanted), _CHUNK):
                 stmt = select(t.c.recipient_hash, t.c.status).where(

@@ -100,8 +100,8 @@ class Store:
         self._reader = reader
         self.suppression = SuppressionList(db, reader)
         self.audit = AuditLog(db)
-        self.claims = SendClaims(db)
-        self.prospects = ProspectRegistry(db)
+        self.claims = SendClaims(db, reader)
+        self.prospects = ProspectRegistry(db, reader)
         self.campaigns = CampaignStore(db)
 
     @classmethod
@@ -199,6 +199,8 @@ class Store:
             self._reader.close()
             self._reader = None
             self.suppression.reader = None
+            self.claims.reader = None
+            self.prospects.reader = None
         if not self._db.closed:
             await self._db.dispose()
 

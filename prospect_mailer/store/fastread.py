@@ -56,6 +56,41 @@ class SQLiteReader:
                 raise StoreError(f"suppression lookup failed: {exc}") from exc
         return rows
 
+    def _fetch(self, sql: str, params: Sequence[object]) -> list[Any]:
+        with self._lock:
+            try:
+                return self._con.execute(sql, list(params)).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"reading the store failed: {exc}") from exc
+
+    async def fetch(self, sql: str, params: Sequence[object]) -> list[Any]:
+        """Run one read-only query (``?`` placeholders; at most 900 parameters).
+
+        Raises:
+            StoreError: the database failed.
+        """
+        if len(params) <= INLINE_MAX_KEYS:
+            return self._fetch(sql, params)
+        return await asyncio.to_thread(self._fetch, sql, params)
+
+    async def fetch_in(self, sql: str, params: Sequence[object], keys: Sequence[str]) -> list[Any]:
+        """Run ``sql`` whose ``IN (?*)`` is expanded to one placeholder per key (900 at most
+        a statement), with ``params`` bound before the keys; rows of every chunk.
+
+        Only placeholders are ever spliced into the SQL text, never a value.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        if "IN (?*)" not in sql:
+            raise ValueError("fetch_in needs an 'IN (?*)' marker")
+        rows: list[Any] = []
+        for start in range(0, len(keys), _CHUNK):
+            chunk = list(keys[start : start + _CHUNK])
+            text = sql.replace("IN (?*)", f"IN ({','.join('?' * len(chunk))})")
+            rows += await self.fetch(text, [*params, *chunk])
+        return rows
+
     async def lookup(self, keys: Sequence[str]) -> list[Any]:
         """Rows ``(kind, key_hash, scope, scope_value, reason, source, created_at)``.
 

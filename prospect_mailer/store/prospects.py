@@ -17,6 +17,7 @@ from ..addresses import normalise
 from ..errors import StoreError
 from ..models import Prospect
 from .engine import Database
+from .fastread import SQLiteReader
 from .tables import PROSPECTS
 
 __all__ = ["ProspectRegistry"]
@@ -34,8 +35,9 @@ def _load(recipient_hash: str, data: str) -> Prospect:
 class ProspectRegistry:
     """Registered prospects in the store (``store.prospects``)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, reader: SQLiteReader | None = None) -> None:
         self._db = db
+        self.reader = reader  # SQLite: direct reads (the relay looks up every RCPT)
 
     async def upsert(self, prospect: Prospect) -> None:
         """Insert ``prospect`` or replace the one registered for the same address.
@@ -94,6 +96,13 @@ class ProspectRegistry:
         """
         wanted = list(dict.fromkeys(recipient_hashes))
         found: dict[str, Prospect] = {}
+        if self.reader is not None and not self._db.closed:
+            rows = await self.reader.fetch_in(
+                "SELECT recipient_hash, data FROM prospects WHERE recipient_hash IN (?*)",
+                [],
+                wanted,
+            )
+            return {key: _load(key, data) for key, data in rows}
         t = PROSPECTS
         async with self._db.connection("reading prospects") as conn:
             for start in range(0, len(wanted), 900):

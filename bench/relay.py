@@ -1,0 +1,130 @@
+"""Relay throughput: ``smtp-source -> relay -> smtp-sink`` against a bare forwarding proxy.
+
+    python -m bench.relay [--messages 2000] [--sessions 10] [--sizes 2k,100k]
+
+Both servers run in their own process; ``smtp-source`` and ``smtp-sink`` (Postfix's C tools,
+Debian package ``postfix``; the daemon is never started) drive and absorb the load. Each
+configuration is run with reused client sessions (``smtp-source -d``) and with a new session
+per message. Target (issue 6): the relay >= 0.6x the bare proxy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .common import ROOT, Result, body_texts, free_port, print_table, smtp_sink, wait_port
+
+
+def message_file(directory: Path, size: str) -> Path:
+    text, html = body_texts(size)
+    boundary = "=_bench_boundary"
+    body = (
+        "From: ACME Ventes <ventes@acme.example>\r\n"
+        "To: prospect@x.example\r\n"
+        "Subject: Capteurs\r\n"
+        "Message-ID: <bench-1@acme.example>\r\n"
+        "MIME-Version: 1.0\r\n"
+        f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n\r\n'
+        f"--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n\r\n"
+        + text.replace("\n", "\r\n")
+        + f"\r\n--{boundary}\r\nContent-Type: text/html; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n\r\n" + html + f"\r\n--{boundary}--\r\n"
+    )
+    path = directory / f"message-{size}.eml"
+    # smtp-source -F reads lines and sends each with CRLF: the file has plain LF ends.
+    path.write_bytes(body.replace("\r\n", "\n").encode("utf-8"))
+    return path
+
+
+def proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run(kind: str, sink_port: int, msg: Path, n: int, sessions: int, reuse: bool) -> Result:
+    port = free_port()
+    with tempfile.TemporaryDirectory(dir=ROOT / "bench" / ".cache") as tmp:
+        if kind == "bare":
+            cmd = [sys.executable, "-m", "bench.bare_proxy", str(port), str(sink_port)]
+        else:
+            db = str(Path(tmp) / "relay.db")
+            cmd = [sys.executable, "-m", "bench.relay_server", db, str(port), str(sink_port),
+                   str(n + 10)]  # fmt: skip
+        server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        try:
+            if kind != "bare":
+                assert server.stdout is not None
+                server.stdout.readline()  # "ready" once the prospects are registered
+            wait_port(port, 60)
+            source = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+            args = [source, "-s", str(sessions), "-m", str(n), "-N", "-t", "to@x.example",
+                    "-f", "ventes@acme.example", "-F", str(msg), "-M", "bench.example"]  # fmt: skip
+            if reuse:
+                args.append("-d")
+            cpu0 = proc_cpu(server.pid)
+            t0 = time.perf_counter()
+            out = subprocess.run(
+                [*args, f"127.0.0.1:{port}"], capture_output=True, text=True, check=False
+            )
+            wall = time.perf_counter() - t0
+            cpu = proc_cpu(server.pid) - cpu0
+            rss = proc_peak_rss_mb(server.pid)
+            errors = [line for line in out.stderr.splitlines() if line.strip()]
+        finally:
+            server.terminate()
+            server.wait(30)
+    name = f"{'bare proxy' if kind == 'bare' else 'prospect-mailer relay'} {msg.stem[8:]} " + (
+        "reused sessions" if reuse else "new sessions"
+    )
+    result = Result(name, n, wall, cpu, rss, extra={"client_errors": errors[:5]})
+    if errors:
+        print(f"{name}: smtp-source reported {len(errors)} error line(s): {errors[:3]}")
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--messages", type=int, default=2000)
+    ap.add_argument("--sessions", type=int, default=10)
+    ap.add_argument("--sizes", default="2k,100k")
+    ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "relay.json")
+    a = ap.parse_args()
+    if not (shutil.which("smtp-source") or Path("/usr/sbin/smtp-source").exists()):
+        sys.exit(
+            "smtp-source not found: install Debian's postfix package (apt-get install postfix)"
+        )
+    (ROOT / "bench" / ".cache").mkdir(parents=True, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp, smtp_sink() as (sink_port, kind):
+        for size in a.sizes.split(","):
+            msg = message_file(Path(tmp), size)
+            n = a.messages if size == "2k" else max(100, a.messages // 4)
+            for reuse in (True, False):
+                base = run("bare", sink_port, msg, n, a.sessions, reuse)
+                ours = run("ours", sink_port, msg, n, a.sessions, reuse)
+                ours.baseline = base.name
+                results += [base, ours]
+    print_table(
+        f"Relay: smtp-source -> server -> {kind} ({a.sessions} client sessions at once)",
+        results,
+        a.json,
+    )
+
+
+if __name__ == "__main__":
+    main()
