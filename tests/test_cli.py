@@ -85,3 +85,23 @@ def test_console_script_is_installed_and_runs(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "FR_PROSPECT_RETENTION_3Y" in result.stdout
+
+
+def test_sales_script_example_runs_as_is_and_resumes(tmp_path: Path) -> None:
+    """examples/sales_script.py: no configuration, the outbox, and no duplicate on a re-run."""
+    script = EXAMPLES / "sales_script.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROSPECT_MAILER_")}
+    first = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    assert "'sent': 7" in first.stdout  # the demo's extra objection is not made here
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 7
+    second = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert second.returncode == 0, second.stderr
+    assert "'duplicate': 7" in second.stdout
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 7
