@@ -19,7 +19,34 @@ from .models import Campaign, Decision, Prospect
 from .tokens import TokenSigner, UnsubscribeToken
 from .transport import wire_bytes
 
-__all__ = ["Composer"]
+__all__ = ["Composer", "footer_context"]
+
+
+def footer_context(
+    prospect: Prospect,
+    campaign: Campaign,
+    *,
+    url: str,
+    mailto: str | None,
+    first_contact: bool,
+) -> FooterContext:
+    """What the footers say for ``prospect`` in ``campaign`` (the one place it is built)."""
+    collected: date | None = prospect.collected_at.date() if prospect.collected_at else None
+    return FooterContext(
+        locale=prospect.locale or campaign.locale,
+        advertiser_legal_name=campaign.advertiser.legal_name,
+        advertiser_postal_address=campaign.advertiser.postal_address,
+        advertiser_contact=campaign.advertiser.contact,
+        unsubscribe_url=url,
+        unsubscribe_mailto=mailto,
+        source_name=prospect.source_name,
+        source_type=prospect.source_type,
+        collection_method=prospect.collection_method,
+        collected_at=collected,
+        first_contact=first_contact,
+        campaign_id=campaign.id,
+        recipient_name=prospect.name,
+    )
 
 
 class Composer:
@@ -113,22 +140,9 @@ class Composer:
             else None
         )
         from_domain = normalise(campaign.from_address).domain
-        collected: date | None = p.collected_at.date() if p.collected_at else None
         footers = self.renderer.render(
-            FooterContext(
-                locale=locale,
-                advertiser_legal_name=campaign.advertiser.legal_name,
-                advertiser_postal_address=campaign.advertiser.postal_address,
-                advertiser_contact=campaign.advertiser.contact,
-                unsubscribe_url=url,
-                unsubscribe_mailto=mailto,
-                source_name=p.source_name,
-                source_type=p.source_type,
-                collection_method=p.collection_method,
-                collected_at=collected,
-                first_contact=decision.first_contact,
-                campaign_id=campaign.id,
-                recipient_name=p.name,
+            footer_context(
+                p, campaign, url=url, mailto=mailto, first_contact=decision.first_contact
             )
         )
         token_id = self.signer.token_id(token)

@@ -37,11 +37,11 @@ from .compliance import (
     HTML_OPTOUT_CLASS,
     HTML_ORIGIN_CLASS,
     TEXT_FOOTER_SEPARATOR,
-    FooterContext,
     FooterRenderer,
     RenderedFooters,
     apply_compliance,
 )
+from .compose import footer_context
 from .config import PLACEHOLDER_BASE_URL
 from .errors import ProspectMailerError
 from .mime import footable_parts
@@ -177,21 +177,7 @@ def _compose_checks(
     checks = [LintCheck("templates", "ok", f"rendered for a sample prospect: {', '.join(parts)}")]
     try:
         footers = renderer.render(
-            FooterContext(
-                locale=prospect.locale or campaign.locale,
-                advertiser_legal_name=campaign.advertiser.legal_name,
-                advertiser_postal_address=campaign.advertiser.postal_address,
-                advertiser_contact=campaign.advertiser.contact,
-                unsubscribe_url=url,
-                unsubscribe_mailto=None,
-                source_name=prospect.source_name,
-                source_type=prospect.source_type,
-                collection_method=prospect.collection_method,
-                collected_at=prospect.collected_at.date() if prospect.collected_at else None,
-                first_contact=True,
-                campaign_id=campaign.id,
-                recipient_name=prospect.name,
-            )
+            footer_context(prospect, campaign, url=url, mailto=None, first_contact=True)
         )
         final = apply_compliance(
             body,
