@@ -9,6 +9,7 @@ carries both footers and the RFC 8058 headers: the caller cannot skip this.
 from __future__ import annotations
 
 from datetime import date, datetime
+from email.headerregistry import Address
 from email.message import EmailMessage
 from typing import Any
 
@@ -156,6 +157,7 @@ class Composer:
                 message_id_domain=from_domain,
                 now=now,
             )
+            _name_the_sender(final, campaign)
             return final, str(final["Message-ID"]), token_id, footers.template_hash
         # Our own message: footers joined to the rendered bodies, MIME written once.
         text, html = self.render_bodies(p, campaign, url, locale)
@@ -194,3 +196,22 @@ class Composer:
             prospect, address, campaign, decision, send_id, now, given
         )
         return wire_bytes(message), message_id, token_id, template_hash
+
+
+def _name_the_sender(msg: EmailMessage, campaign: Campaign) -> None:
+    """FR_SENDER_IDENTITY: the From of a caller's message shows who the mail is from.
+
+    A missing From becomes the campaign's; a bare address gets the campaign's display name.
+    A From that already names someone is the caller's choice and is kept.
+    """
+    if "From" not in msg:
+        msg["From"] = Address(display_name=campaign.from_name, addr_spec=campaign.from_address)
+        return
+    try:
+        addresses = msg["From"].addresses
+    except (AttributeError, ValueError, IndexError):
+        return  # unparseable: left to the receiving side, as the caller sent it
+    if len(addresses) == 1 and not addresses[0].display_name and campaign.from_name:
+        msg.replace_header(
+            "From", Address(display_name=campaign.from_name, addr_spec=addresses[0].addr_spec)
+        )

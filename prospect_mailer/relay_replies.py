@@ -106,7 +106,7 @@ def recipient_result(address: str, outcome: Outcome) -> RecipientResult:
         return RecipientResult(
             address,
             "blocked",
-            reply_line("550 5.7.1", f"{' '.join(rules)}: {outcome.detail}"),
+            reply_line("550 5.7.1", _blocked_text(rules, outcome.detail)),
             rule_ids=rules,
         )
     if status == "failed" and outcome.smtp_code is not None and outcome.smtp_code >= 500:
@@ -161,3 +161,11 @@ def message_reply(results: Sequence[RecipientResult]) -> tuple[str, list[Recipie
     if refused:
         summary += f"; {len(refused)} refused, reported to the sender by a DSN"
     return reply_line("250 2.0.0", summary), refused
+
+
+def _blocked_text(rules: tuple[str, ...], detail: str) -> str:
+    """``RULE: reason; RULE: reason``; the policy's detail already starts with the ids."""
+    lines = [line for line in detail.splitlines() if line.strip()]
+    if rules and lines and lines[0].startswith(rules[0] + ":"):
+        return "; ".join(lines)
+    return f"{' '.join(rules)}: {detail}"

@@ -26,10 +26,12 @@ from email.message import EmailMessage
 from typing import Any
 
 import pytest
+from factories import CAMPAIGN as FACTORY_CAMPAIGN
+from factories import b2b
 from smtp_fixtures import SMTPTestServer
 
 from prospect_mailer.mailer import ProspectMailer
-from prospect_mailer.models import Advertiser, Campaign, Prospect
+from prospect_mailer.models import Prospect
 from prospect_mailer.relay import RelayServer
 from prospect_mailer.relay_config import RelaySettings
 from prospect_mailer.store import Store
@@ -45,40 +47,13 @@ SUPPRESSED, PRIVATE = "pierre.curie@radium.example", "irene@gmail.example"
 UNKNOWN = "nobody@radium.example"
 SENDER = "ventes@acme.example"
 
-CAMPAIGN = Campaign(
-    id="spring",
-    purpose="prospecting",
-    subject="Capteurs connectés",
-    from_address=SENDER,
-    from_name="ACME Ventes",
-    advertiser=Advertiser(
-        id="acme",
-        legal_name="ACME SAS",
-        postal_address="1 rue de la Paix, 75002 Paris",
-        contact="dpo@acme.example",
-    ),
-    category="sensors",
-    target_functions=("CTO",),
-    text_template="{# relay #}",
+#: The relay sends the client's message, not templates.
+CAMPAIGN = FACTORY_CAMPAIGN.model_copy(
+    update={"text_template": "{# relay #}", "html_template": None}
 )
 
-
-def professional(email_addr: str, **kw: Any) -> Prospect:
-    """A prospect every rule allows for ``CAMPAIGN``."""
-    base: dict[str, Any] = dict(
-        email=email_addr,
-        name="Marie Curie",
-        recipient_type="professional",
-        legal_basis="legitimate_interest",
-        source_type="public",
-        source_name="Annuaire des entreprises",
-        collection_method="annuaire professionnel",
-        job_function="CTO",
-        optout_offered_at_collection=True,
-        collected_at=datetime(2026, 10, 1, tzinfo=UTC),
-    )
-    base.update(kw)
-    return Prospect(**base)
+#: A prospect every rule allows for ``CAMPAIGN``.
+professional = b2b
 
 
 @dataclass

@@ -45,7 +45,7 @@ def test_bad_campaign_file_exits_2_with_the_place(
     campaign.write_text(campaign.read_text("utf-8").replace('"prospecting"', '"spam"'), "utf-8")
     code = main(["demo", "--examples", str(tmp_path / "ex"), "--output", str(tmp_path / "o")])
     assert code == 2
-    assert "[purpose]" in capsys.readouterr().out
+    assert "[purpose]" in capsys.readouterr().err
 
 
 def test_usage_error_exits_2() -> None:

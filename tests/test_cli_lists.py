@@ -57,7 +57,7 @@ def test_import_dialects_semicolon_bom_latin1(
         encoding="latin-1",
     )
     assert main(["prospects", "import", str(latin)]) == 2  # not UTF-8: nothing imported
-    assert f"{latin}:2: not valid utf-8-sig text" in capsys.readouterr().out
+    assert f"{latin}:2: not valid utf-8-sig text" in capsys.readouterr().err
     assert _counts(cli_env)[0] == 1
     assert main(["prospects", "import", str(latin), "--encoding", "latin-1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["imported"] == 1
@@ -174,7 +174,7 @@ def test_hashed_list_import_is_all_or_nothing(
     lines = ["# partner feed", "", *hashes[:500], hashes[500][:-1], *hashes[501:]]
     bad.write_text("\n".join(lines) + "\n", "utf-8")
     assert main(["suppress", "import", str(bad)]) == 2
-    assert f"{bad}:503: not a SHA-256" in capsys.readouterr().out
+    assert f"{bad}:503: not a SHA-256" in capsys.readouterr().err
     assert _counts(cli_env)[1] == 0
     good = cli_env.root / "ok.sha256"
     good.write_text("\n".join(hashes) + "\n", "utf-8")
@@ -188,7 +188,7 @@ def test_hashed_list_import_is_all_or_nothing(
     addresses = cli_env.root / "a.txt"
     addresses.write_text("x@co.example\nnot-an-address\n", "utf-8")
     assert main(["suppress", "import", str(addresses), "--format", "addresses"]) == 2
-    assert f"{addresses}:2:" in capsys.readouterr().out
+    assert f"{addresses}:2:" in capsys.readouterr().err
 
 
 def test_audit_export_filters_and_verify(

@@ -94,12 +94,12 @@ def test_unknown_column_wrong_encoding_and_campaign_key_exit_2(
 ) -> None:
     unknown = write_csv(cli_env.root / "u.csv", [b2b_row("a@co.example")], header="email,nom")
     assert main(["send", str(cli_env.campaign), str(unknown)]) == 2
-    assert f"{unknown}:1: unknown column(s) ['nom']" in capsys.readouterr().out
+    assert f"{unknown}:1: unknown column(s) ['nom']" in capsys.readouterr().err
 
     latin = cli_env.root / "latin.csv"
     write_csv(latin, [b2b_row("a@co.example").replace(",P,", ",Hélène,")], encoding="latin-1")
     assert main(["send", str(cli_env.campaign), str(latin), "--dry-run"]) == 2
-    assert f"{latin}:2: not valid utf-8-sig text" in capsys.readouterr().out
+    assert f"{latin}:2: not valid utf-8-sig text" in capsys.readouterr().err
     assert (
         main(["send", str(cli_env.campaign), str(latin), "--dry-run", "--encoding", "latin-1"]) == 0
     )
@@ -113,7 +113,7 @@ def test_unknown_column_wrong_encoding_and_campaign_key_exit_2(
     )
     capsys.readouterr()
     assert main(["send", str(bad_campaign), str(latin), "--encoding", "latin-1"]) == 2
-    assert f"{bad_campaign} [subjekt]: Extra inputs are not permitted" in capsys.readouterr().out
+    assert f"{bad_campaign} [subjekt]: Extra inputs are not permitted" in capsys.readouterr().err
     assert _audit_count(cli_env) == 0
 
 

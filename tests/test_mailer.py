@@ -9,60 +9,21 @@ import re
 import sqlite3
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import pytest
+from factories import BASE, CAMPAIGN, KEY, NOW, b2b
 from smtp_fixtures import SMTPTestServer
 
 from prospect_mailer.compliance import FooterRenderer
 from prospect_mailer.config import load_settings
 from prospect_mailer.mailer import ProspectMailer
-from prospect_mailer.models import Advertiser, Campaign, Outcome, Prospect
+from prospect_mailer.models import Outcome, Prospect
 from prospect_mailer.store import Store
 from prospect_mailer.tokens import TokenSigner
 from prospect_mailer.transport import MemoryTransport, SMTPTransport, Transport
-
-KEY = "test-signing-key-0123456789abcdef"
-BASE = "https://optout.acme.example"
-NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
-
-CAMPAIGN = Campaign(
-    id="spring",
-    purpose="prospecting",
-    subject="Capteurs connectés",
-    from_address="ventes@acme.example",
-    from_name="ACME Ventes",
-    advertiser=Advertiser(
-        id="acme",
-        legal_name="ACME SAS",
-        postal_address="1 rue de la Paix, 75002 Paris",
-        contact="dpo@acme.example",
-    ),
-    category="sensors",
-    target_functions=("CTO",),
-    text_template="Bonjour {{ prospect.name }},\nNos capteurs.\n",
-    html_template="<html><body><p>Bonjour {{ prospect.name }}</p></body></html>",
-)
-
-
-def b2b(email_addr: str, **kw: Any) -> Prospect:
-    base: dict[str, Any] = dict(
-        email=email_addr,
-        name="Marie Curie",
-        recipient_type="professional",
-        legal_basis="legitimate_interest",
-        source_type="public",
-        source_name="Annuaire des entreprises",
-        collection_method="annuaire professionnel",
-        job_function="CTO",
-        optout_offered_at_collection=True,
-        collected_at=datetime(2026, 10, 1, tzinfo=UTC),
-    )
-    base.update(kw)
-    return Prospect(**base)
 
 
 @pytest.fixture
@@ -519,3 +480,30 @@ async def test_given_message_with_injected_header_is_refused(db: Store) -> None:
     with pytest.raises(InvalidMessageError, match="Subject"):
         await mailer.send(b2b("a@x.example"), CAMPAIGN, message=raw)
     await mailer.close()
+
+
+@pytest.mark.parametrize(
+    ("given_from", "expected"),
+    [
+        ("ventes@acme.example", "ACME Ventes <ventes@acme.example>"),
+        (None, "ACME Ventes <ventes@acme.example>"),
+        ("Claire Martin <claire@acme.example>", "Claire Martin <claire@acme.example>"),
+    ],
+)
+async def test_given_message_from_names_the_sender(
+    db: Store, given_from: str | None, expected: str
+) -> None:
+    """FR_SENDER_IDENTITY on the relay path: a bare From gets the campaign's display name."""
+    transport = MemoryTransport()
+    mailer = make_mailer(db, transport)
+    given = EmailMessage()
+    if given_from:
+        given["From"] = given_from
+    given["To"] = "a@x.example"
+    given["Subject"] = "From a CRM"
+    given["Message-ID"] = "<crm-from@crm.example>"
+    given.set_content("Hello")
+    outcome = await mailer.send(b2b("a@x.example"), CAMPAIGN, message=given, message_key="m")
+    await mailer.close()
+    assert outcome.status == "sent"
+    assert str(transport.sent[0].message["From"]) == expected

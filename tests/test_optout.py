@@ -6,7 +6,8 @@ import re
 from collections.abc import AsyncIterator
 
 import pytest
-from test_mailer import CAMPAIGN, KEY, b2b, make_mailer
+from factories import CAMPAIGN, KEY, b2b
+from test_mailer import make_mailer
 
 from prospect_mailer.optout import OptOutService
 from prospect_mailer.store import Store

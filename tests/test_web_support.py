@@ -8,58 +8,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import Any
 
+from factories import BASE, CAMPAIGN, KEY, MAILTO_DOMAIN, NOW, b2b
+
 from prospect_mailer.mailer import ProspectMailer
-from prospect_mailer.models import Advertiser, Campaign, Outcome, Prospect
+from prospect_mailer.models import Campaign, Outcome
 from prospect_mailer.optout import OptOutService
 from prospect_mailer.store import Store
 from prospect_mailer.tokens import TokenSigner
 from prospect_mailer.transport import MemoryTransport
 
-KEY = "test-signing-key-0123456789abcdef"
-BASE = "https://optout.acme.example"
-MAILTO_DOMAIN = "optout.acme.example"
 BOUNCE_DOMAIN = "bounces.acme.example"
-NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
-
-CAMPAIGN = Campaign(
-    id="spring",
-    purpose="prospecting",
-    subject="Capteurs connectés",
-    from_address="ventes@acme.example",
-    from_name="ACME Ventes",
-    advertiser=Advertiser(
-        id="acme",
-        legal_name="ACME SAS",
-        postal_address="1 rue de la Paix, 75002 Paris",
-        contact="dpo@acme.example",
-    ),
-    category="sensors",
-    target_functions=("CTO",),
-    text_template="Bonjour {{ prospect.name }},\nNos capteurs.\n",
-    html_template="<html><body><p>Bonjour {{ prospect.name }}</p></body></html>",
-)
-
-
-def b2b(email_addr: str, **kw: Any) -> Prospect:
-    """A professional prospect the default profile allows."""
-    base: dict[str, Any] = dict(
-        email=email_addr,
-        name="Marie Curie",
-        recipient_type="professional",
-        legal_basis="legitimate_interest",
-        source_type="public",
-        source_name="Annuaire des entreprises",
-        collection_method="annuaire professionnel",
-        job_function="CTO",
-        optout_offered_at_collection=True,
-        collected_at=datetime(2026, 10, 1, tzinfo=UTC),
-    )
-    base.update(kw)
-    return Prospect(**base)
 
 
 def make_mailer(store: Store, transport: MemoryTransport, **kw: Any) -> ProspectMailer:

@@ -37,6 +37,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(highlight=False)
+err_console = Console(highlight=False, stderr=True)
 
 EXIT_OK, EXIT_BLOCKED, EXIT_BAD_INPUT = 0, 1, 2
 _STYLE = {
@@ -90,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code if isinstance(code, int) else (0 if code is None else EXIT_BAD_INPUT)
     except ProspectMailerError as exc:
         # User data (file names, "[column]" places) must not be read as rich markup.
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        # Errors go to stderr: stdout stays clean for --json and exports.
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: run the same command again to resume")

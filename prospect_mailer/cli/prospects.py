@@ -7,7 +7,7 @@ second registers every good row whole (never part of a row). Then:
 * bad rows are listed by line and column and the exit code is 2 (bad input), the good rows
   being imported all the same;
 * addresses already on the suppression list (address or domain, any scope) are listed and
-  **not** imported (RULES.md SUPP_SURVIVES_DELETION), unless ``--include-suppressed`` (they
+  **not** imported (docs/RULES.md SUPP_SURVIVES_DELETION), unless ``--include-suppressed`` (they
   stay blocked at send); the exit code is then 1;
 * otherwise 0.
 
@@ -139,7 +139,7 @@ def prospects_export(
     """Export the registry as a CSV that imports back as is (UTF-8, comma).
 
     Suppressed addresses are left out unless --include-suppressed (an opted-out address is
-    not passed on: RULES.md US_CANSPAM_NO_OPTOUT_TRANSFER).
+    not passed on: docs/RULES.md US_CANSPAM_NO_OPTOUT_TRANSFER).
 
     Example: prospect-mailer prospects export --output prospects.csv
     """

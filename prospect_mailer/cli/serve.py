@@ -48,6 +48,8 @@ def serve(
 
     GET /healthz answers 200 when the store answers. Ctrl-C or SIGTERM stops it cleanly
     (uvicorn then re-raises the signal, as a server should). Exit 1 if it cannot start.
+
+    Example: prospect-mailer serve --listen 127.0.0.1:8080
     """
     host, port = parse_listen(listen)
     if (certfile is None) != (keyfile is None):

@@ -1,7 +1,7 @@
 """``prospect-mailer suppress add|remove|check|import|export``: the suppression list.
 
 A value containing ``@`` is an address, anything else a domain (which also covers its
-subdomains). Only hashes are stored (RULES.md FR_SUPPRESSION_LIST_RETAINED). The CLI's default
+subdomains). Only hashes are stored (docs/RULES.md FR_SUPPRESSION_LIST_RETAINED). The CLI's default
 scope is ``global`` (this install never mails it); ``--scope advertiser --scope-value ID``
 narrows it to one controller. Adds and removals are audited; ``remove`` needs ``--reason``.
 """
@@ -266,7 +266,7 @@ def suppress_export(
 
     A key suppressed in several scopes appears once per entry: filter with --scope.
 
-    For compliance only (RULES.md SUPP_HASHED_SHARING, US_CANSPAM_NO_OPTOUT_TRANSFER): share
+    For compliance only (docs/RULES.md SUPP_HASHED_SHARING, US_CANSPAM_NO_OPTOUT_TRANSFER): share
     it under contract, for suppression, never for mailing.
 
     Example: prospect-mailer suppress export --scope global --output optouts.sha256

@@ -105,7 +105,8 @@ def _check_entry(kind: str, scope: str, scope_value: str, reason: str, source: s
             )
     elif not isinstance(scope_value, str) or not _FREE_TEXT.fullmatch(scope_value):
         raise InvalidInputError(
-            f"a {scope} suppression needs a scope_value (the {scope} id: 1-200 characters, "
+            f"scope {scope!r} needs a scope_value (the {scope} id, --scope-value in the CLI: "
+            "1-200 characters, "
             f"no '@' or control character), got {scope_value!r:.80}"
         )
     if reason not in SUPPRESSION_REASONS:
