@@ -669,3 +669,25 @@ async def test_a_bare_string_recipient_is_one_address(tmp_path: Path) -> None:
     memory = MemoryTransport()
     await memory.send(make_message(), sender=SENDER, recipients=TO)
     assert memory.sent[0].recipients == (TO,)
+
+
+@pytest.mark.parametrize("size_mb", [2])
+async def test_big_message_data_is_prepared_off_loop_with_identical_wire_bytes(
+    smtpd_server: SMTPTestServer, size_mb: int
+) -> None:
+    """Big DATA takes our threaded path: same dot-stuffing and line ends as aiosmtplib's."""
+    line = b"." + b"x" * 70 + b"\r\n"
+    body = line * (size_mb * 1024 * 1024 // len(line))
+    head = b"From: a@x.example\r\nTo: b@y.example\r\nSubject: big\r\nMessage-ID: <big@x>\r\n\r\n"
+    small = head + b".leading dot\nlone LF\rlone CR\r\n"
+    transport = SMTPTransport(smtpd_server.host, smtpd_server.port, timeout=30)
+    await transport.send(head + small.split(b"\r\n\r\n", 1)[1] + body, sender=SENDER,
+                         recipients=[TO])  # fmt: skip
+    await transport.send(small, sender=SENDER, recipients=[TO])
+    await transport.close()
+    big_received = smtpd_server.messages[0].data
+    small_received = smtpd_server.messages[1].data
+    # the server undid the dot-stuffing: what arrives is the message with CRLF line ends
+    assert big_received.endswith(body)
+    assert b".leading dot\r\nlone LF\r\nlone CR\r\n" in big_received
+    assert b".leading dot\r\nlone LF\r\nlone CR\r\n" in small_received  # stock path agrees
