@@ -7,7 +7,8 @@ token is what the handler reads, and TLS belongs to the reverse proxy in front o
 deployment. Serving TLS here would mean ``--ignore-certificate-errors``, which tests nothing of
 ours and teaches the browser to accept anything.
 
-Set ``PM_UPDATE_SCREENSHOTS=1`` to refresh ``docs/unsubscribe-confirm.png`` and
+Set ``PM_UPDATE_SCREENSHOTS=1`` to refresh ``docs/unsubscribe-invalid.png``,
+``docs/unsubscribe-confirm.png`` and
 ``docs/unsubscribe-done.png`` (the README's pictures); otherwise they go to a temporary folder.
 """
 
@@ -101,6 +102,14 @@ async def test_unsubscribe_in_a_real_browser(db_url: str, tmp_path: Path) -> Non
                 assert requests
                 assert all(url.startswith(local + "/") for url in requests), requests
                 assert await context.cookies() == []
+
+                # A forged link: a neutral page that names nobody and changes nothing.
+                forged = link[:-3] + ("aaa" if not link.endswith("aaa") else "bbb")
+                bad = await page.goto(forged)
+                assert bad is not None
+                assert bad.status == 400
+                assert ADDR not in await page.content()
+                await page.screenshot(path=str(shots / "unsubscribe-invalid.png"), full_page=True)
             finally:
                 await context.close()
         assert await entries(store) == [("advertiser", "acme", "unsubscribe", "web")]
