@@ -217,3 +217,22 @@ def test_audit_export_filters_and_verify(
         assert len(list(csv.DictReader(fh))) == 3  # blocked, pending, sent
     assert main(["audit", "verify", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ok"] is True
+
+
+def test_audit_export_unresolved_lists_only_sends_without_a_final_record(
+    cli_env: CliEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from prospect_mailer.store import AuditEvent
+
+    f = write_csv(cli_env.root / "p.csv", [b2b_row("a@co.example")])
+    assert main(["send", str(cli_env.campaign), str(f)]) == 0
+    capsys.readouterr()
+    assert main(["audit", "export", "--unresolved"]) == 0
+    assert capsys.readouterr().out == ""  # pending, then sent: resolved
+
+    crashed = AuditEvent(kind="send", status="pending", send_id="c" * 32, campaign_id="c1",
+                         step=1, recipient_hash="d" * 64)  # fmt: skip
+    cli_env.store_call(lambda store: store.audit.append([crashed]))
+    assert main(["audit", "export", "--unresolved"]) == 0
+    (row,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert (row["send_id"], row["status"]) == ("c" * 32, "pending")

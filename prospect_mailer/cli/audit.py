@@ -6,6 +6,7 @@ import asyncio
 import csv
 import json
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO, Annotated, Literal
 
@@ -67,10 +68,20 @@ def audit_export(
         str | None, typer.Option(help="only this status: sent, blocked, pending, failed...")
     ] = None,
     recipient: Annotated[str | None, typer.Option(help="only this address (by its hash)")] = None,
+    unresolved: Annotated[
+        bool,
+        typer.Option(
+            "--unresolved",
+            help="only sends still pending: no sent/failed/deferred record followed (a crash "
+            "or Ctrl-C in flight; the message may or may not have left)",
+        ),
+    ] = False,
 ) -> None:
     """Export audit records (streamed), optionally filtered by campaign, dates and status.
 
-    CSV cells: rule_ids separated by ';', details as JSON text.
+    CSV cells: rule_ids separated by ';', details as JSON text. ``--unresolved`` keeps the
+    ``pending`` records of sends that never got a final record (it holds one record per
+    unresolved send in memory).
 
     Example: prospect-mailer audit export --format csv --since 2026-03-01 --status blocked
     """
@@ -83,9 +94,14 @@ def audit_export(
             writer.writerow(AUDIT_COLUMNS)
         n = 0
         async with open_store() as store:
-            async for r in store.audit.iter_events(
-                campaign_id=campaign, status=status, since=start, until=end, recipient_hash=key
-            ):
+            records = store.audit.iter_events(
+                campaign_id=campaign,
+                status=None if unresolved else status,
+                since=start,
+                until=end,
+                recipient_hash=key,
+            )
+            async for r in _unresolved(records) if unresolved else records:
                 row = _row(r)
                 if writer is None:
                     out.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -127,3 +143,17 @@ def audit_verify(
         console.print(f"audit chain BROKEN at record {bad}: {reason}", markup=False)
     if not ok:
         raise typer.Exit(EXIT_BLOCKED)
+
+
+async def _unresolved(records: AsyncIterator[AuditRecord]) -> AsyncIterator[AuditRecord]:
+    """The ``pending`` send records that no final record (sent/failed/deferred) followed."""
+    open_sends: dict[str, AuditRecord] = {}
+    async for r in records:
+        if r.kind != "send" or not r.send_id:
+            continue
+        if r.status == "pending":
+            open_sends[r.send_id] = r
+        elif r.status in ("sent", "failed", "deferred"):
+            open_sends.pop(r.send_id, None)
+    for r in sorted(open_sends.values(), key=lambda rec: rec.seq):
+        yield r
