@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
 import aiosmtplib
 
-from prospect_mailer import Advertiser, Campaign, Prospect, ProspectMailer, SMTPTransport
+from prospect_mailer import Campaign, Prospect, ProspectMailer, SMTPTransport
 from prospect_mailer.store import Store, sqlite_url
 from prospect_mailer.tokens import TokenSigner
 
@@ -34,6 +33,7 @@ from .common import (
     run_child,
     smtp_sink,
 )
+from .fixtures import bench_campaign, bench_prospect
 from .suppression_db import cached_store, copy_store
 
 
@@ -58,39 +58,11 @@ async def raw(port: int, n: int, conc: int, size: str) -> Result:
 
 def campaign(size: str) -> Campaign:
     text, html = body_texts(size)
-    return Campaign(
-        id=f"bench-{size}",
-        purpose="prospecting",
-        subject="Capteurs connectés n°{{ i }}",
-        from_address="ventes@acme.example",
-        from_name="ACME Ventes",
-        advertiser=Advertiser(
-            id="acme",
-            legal_name="ACME SAS",
-            postal_address="1 rue de la Paix, 75002 Paris",
-            contact="dpo@acme.example",
-        ),
-        category="sensors",
-        target_functions=("CTO",),
-        text_template=text,
-        html_template=html,
-    )
+    return bench_campaign(f"bench-{size}", text, html)
 
 
 def prospects(n: int) -> list[Prospect]:
-    return [
-        Prospect(
-            email=f"p{i}@x.example",
-            recipient_type="professional",
-            legal_basis="legitimate_interest",
-            source_type="public",
-            source_name="Annuaire des entreprises",
-            job_function="CTO",
-            optout_offered_at_collection=True,
-            collected_at=datetime(2026, 10, 1, tzinfo=UTC),
-        )
-        for i in range(n)
-    ]
+    return [bench_prospect(f"p{i}@x.example") for i in range(n)]
 
 
 async def ours(port: int, n: int, conc: int, size: str, entries: int) -> Result:

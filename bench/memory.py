@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .common import ROOT, free_port, smtp_sink, wait_port
@@ -86,19 +87,15 @@ def dry_run(folder: Path, campaign: Path, csv: Path) -> tuple[float, float]:
 
 
 def send_many_child(port: int, n: int, folder: str) -> None:
-    from datetime import UTC, datetime
-
     from prospect_mailer import Prospect, ProspectMailer, SMTPTransport, load_campaign
     from prospect_mailer.store import Store, sqlite_url
     from prospect_mailer.tokens import TokenSigner
 
-    def people() -> object:
+    from .fixtures import bench_prospect
+
+    def people() -> Iterator[Prospect]:
         for i in range(n):
-            yield Prospect(email=f"p{i}@x{i % 5000}.example", recipient_type="professional",
-                           legal_basis="legitimate_interest", source_type="public",
-                           source_name="Annuaire", job_function="CTO",
-                           optout_offered_at_collection=True,
-                           collected_at=datetime(2026, 10, 1, tzinfo=UTC))  # fmt: skip
+            yield bench_prospect(f"p{i}@x{i % 5000}.example")
 
     async def run() -> None:
         campaign = load_campaign(Path(folder) / "campaign.toml")
@@ -107,7 +104,7 @@ def send_many_child(port: int, n: int, folder: str) -> None:
             mailer = ProspectMailer(store=store, transport=transport,
                                     signer=TokenSigner(["bench-key-0123456789abcdef"]),
                                     base_url="https://optout.acme.example")  # fmt: skip
-            summary = await mailer.send_many(people(), campaign)  # type: ignore[arg-type]
+            summary = await mailer.send_many(people(), campaign)
             await mailer.close()
         await transport.close()
         assert summary.counts["sent"] == n, summary.counts

@@ -10,43 +10,20 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from datetime import UTC, datetime
 
-from prospect_mailer import Advertiser, Campaign, Prospect, ProspectMailer, SMTPTransport
+from prospect_mailer import Prospect, ProspectMailer, SMTPTransport
 from prospect_mailer.relay import RelayServer
 from prospect_mailer.relay_config import RelaySettings
 from prospect_mailer.store import Store, sqlite_url
 from prospect_mailer.tokens import TokenSigner
 
-CAMPAIGN = Campaign(
-    id="bench",
-    purpose="prospecting",
-    subject="bench",
-    from_address="ventes@acme.example",
-    from_name="ACME Ventes",
-    advertiser=Advertiser(
-        id="acme",
-        legal_name="ACME SAS",
-        postal_address="1 rue de la Paix, 75002 Paris",
-        contact="dpo@acme.example",
-    ),
-    category="sensors",
-    target_functions=("CTO",),
-    text_template="{# relay #}",
-)
+from .fixtures import bench_campaign, bench_prospect
+
+CAMPAIGN = bench_campaign("bench", "{# relay #}")
 
 
 def prospect(i: int) -> Prospect:
-    return Prospect(
-        email=f"{i}to@x.example",
-        recipient_type="professional",
-        legal_basis="legitimate_interest",
-        source_type="public",
-        source_name="Annuaire des entreprises",
-        job_function="CTO",
-        optout_offered_at_collection=True,
-        collected_at=datetime(2026, 10, 1, tzinfo=UTC),
-    )
+    return bench_prospect(f"{i}to@x.example")
 
 
 async def main(db: str, listen: int, upstream: int, prospects: int) -> None:
