@@ -108,34 +108,80 @@ class ProspectMailer:
             raise ConfigError("base_url must be an https:// URL")
         if concurrency < 1:
             raise ConfigError("concurrency must be at least 1")
-        self.store = store
-        self.transport = transport
-        self.signer = signer
-        self.base_url = base_url.rstrip("/")
-        self.mailto_domain = mailto_domain
-        self.bounce_domain = bounce_domain
-        self.renderer = renderer or FooterRenderer()
-        self.classifier = classifier or RoleClassifier()
-        self.concurrency = concurrency
-        self.clock = clock
-        self.transport_label = transport_label
         self._owns = owns_resources
+        # One copy of each setting: the composer and the pipeline hold them, the properties
+        # below read them there.
         self.composer = Composer(
             signer=signer,
-            base_url=self.base_url,
+            base_url=base_url,
             mailto_domain=mailto_domain,
             bounce_domain=bounce_domain,
-            renderer=self.renderer,
+            renderer=renderer or FooterRenderer(),
         )
         self.pipeline = Pipeline(
             store=store,
             transport=transport,
             composer=self.composer,
-            classifier=self.classifier,
+            classifier=classifier or RoleClassifier(),
             clock=clock,
             transport_label=transport_label,
             concurrency=concurrency,
         )
+
+    @property
+    def store(self) -> Store:
+        """The store (suppression list, audit log, claims, registry)."""
+        return self.pipeline.store
+
+    @property
+    def transport(self) -> Transport:
+        """Where accepted mail goes."""
+        return self.pipeline.transport
+
+    @property
+    def signer(self) -> TokenSigner:
+        """The unsubscribe-token signer."""
+        return self.composer.signer
+
+    @property
+    def base_url(self) -> str:
+        """Public HTTPS base of the unsubscribe handler (no trailing slash)."""
+        return self.composer.base_url
+
+    @property
+    def mailto_domain(self) -> str | None:
+        """Domain of the ``unsubscribe+TOKEN@`` address."""
+        return self.composer.mailto_domain
+
+    @property
+    def bounce_domain(self) -> str | None:
+        """Domain of the VERP envelope sender, if any."""
+        return self.composer.bounce_domain
+
+    @property
+    def renderer(self) -> FooterRenderer:
+        """Footer and body template renderer."""
+        return self.composer.renderer
+
+    @property
+    def classifier(self) -> RoleClassifier:
+        """Role-address classifier."""
+        return self.pipeline.classifier
+
+    @property
+    def concurrency(self) -> int:
+        """Messages in flight at once in :meth:`send_many` by default."""
+        return self.pipeline.concurrency
+
+    @property
+    def clock(self) -> Callable[[], datetime]:
+        """Returns the current UTC time."""
+        return self.pipeline.clock
+
+    @property
+    def transport_label(self) -> str:
+        """Recorded in the audit log (``library``, ``relay``...)."""
+        return self.pipeline.transport_label
 
     @classmethod
     async def from_settings(cls, settings: Settings | None = None) -> ProspectMailer:
