@@ -137,13 +137,12 @@ class GroupCommit(Generic[Req, Res]):
 
 class Finisher:
     """Group commit of send results: claim updates and audit records of whatever finished
-    while the previous batch was committing go in one pair of transactions. Each caller
+    while the previous batch was committing go in one transaction (two on PostgreSQL). Each caller
     resumes only once its own records are durable."""
 
     def __init__(self, store: Store) -> None:
         async def commit(items: list[tuple[FinishRequest, AuditEvent]]) -> list[None]:
-            await store.claims.finish_many([r for r, _ in items])
-            await store.audit.append([e for _, e in items])
+            await store.finish_sends([r for r, _ in items], [e for _, e in items])
             return [None] * len(items)
 
         self._group: GroupCommit[tuple[FinishRequest, AuditEvent], None] = GroupCommit(commit)

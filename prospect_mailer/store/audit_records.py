@@ -14,7 +14,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -30,6 +30,7 @@ __all__ = [
     "AuditRecord",
     "VerifyResult",
     "chain_hash",
+    "chain_rows",
     "iso_utc",
 ]
 
@@ -56,6 +57,21 @@ def chain_hash(prev_hash: str, fields: Mapping[str, object]) -> str:
     """``sha256(prev_hash + canonical JSON of fields)`` as lower-case hex."""
     payload = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256((prev_hash + payload).encode("utf-8")).hexdigest()
+
+
+def chain_rows(
+    seq: int, prev_hash: str, rows: Sequence[Mapping[str, object]]
+) -> list[dict[str, object]]:
+    """``rows`` (from :meth:`AuditEvent._row`) numbered after ``seq`` and chained after
+    ``prev_hash``: each gets ``seq``, ``prev_hash`` and ``hash`` (the stored form)."""
+    full: list[dict[str, object]] = []
+    for row in rows:
+        seq += 1
+        stored = {**row, "seq": seq}
+        digest = chain_hash(prev_hash, stored)
+        full.append({**stored, "prev_hash": prev_hash, "hash": digest})
+        prev_hash = digest
+    return full
 
 
 def iso_utc(value: datetime) -> str:

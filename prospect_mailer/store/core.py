@@ -9,7 +9,8 @@ advisory lock, DDL being transactional there). A database written by a newer pro
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from types import TracebackType
@@ -20,11 +21,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlmodel import SQLModel
 
 from ..errors import StoreError
+from . import fastwrite
 from .audit import AuditLog
+from .audit_records import AuditEvent, AuditRecord
 from .campaigns import CampaignStore
-from .claims import SendClaims
+from .claims import FinishRequest, SendClaims, check_finish_requests
 from .engine import Database, create_engine, parse_url
 from .fastread import SQLiteReader
+from .fastwrite import SQLiteWriter
 from .prospects import ProspectRegistry
 from .suppression import SuppressionList
 from .tables import AUDIT_HEAD, SCHEMA_VERSION, STORE_TABLES
@@ -93,16 +97,23 @@ class Store:
         url: the database URL, password hidden.
     """
 
-    def __init__(self, db: Database, url: URL, reader: SQLiteReader | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        url: URL,
+        reader: SQLiteReader | None = None,
+        writer: SQLiteWriter | None = None,
+    ) -> None:
         """Wrap an opened database; use :meth:`open` instead."""
         self._db = db
         self.url = url.render_as_string(hide_password=True)
         self._reader = reader
+        self._writer = writer
         self.suppression = SuppressionList(db, reader)
-        self.audit = AuditLog(db)
-        self.claims = SendClaims(db, reader)
+        self.audit = AuditLog(db, writer)
+        self.claims = SendClaims(db, reader, writer)
         self.prospects = ProspectRegistry(db, reader)
-        self.campaigns = CampaignStore(db)
+        self.campaigns = CampaignStore(db, reader)
 
     @classmethod
     async def open(
@@ -141,19 +152,20 @@ class Store:
         try:
             async with db.transaction(f"opening the store at {parsed.render_as_string()}") as conn:
                 await _ensure_schema(db, conn)
-            # SQLite file: the lookup hot path reads through its own stdlib connection.
-            reader = (
-                SQLiteReader(parsed.database)
-                if parsed.get_backend_name() == "sqlite"
+            # SQLite file: the per-send hot path reads and writes through its own stdlib
+            # connections (fastread, fastwrite), off SQLAlchemy.
+            direct = (
+                parsed.get_backend_name() == "sqlite"
                 and parsed.database
                 and parsed.database != ":memory:"
                 and not parsed.database.startswith("file:")
-                else None
             )
+            reader = SQLiteReader(parsed.database) if direct and parsed.database else None
+            writer = SQLiteWriter(parsed.database) if direct and parsed.database else None
         except BaseException:
             await db.engine.dispose()
             raise
-        return cls(db, parsed, reader)
+        return cls(db, parsed, reader, writer)
 
     @classmethod
     @asynccontextmanager
@@ -201,8 +213,42 @@ class Store:
             self.suppression.reader = None
             self.claims.reader = None
             self.prospects.reader = None
+            self.campaigns.reader = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            self.audit.direct = None
+            self.claims.direct = None
         if not self._db.closed:
             await self._db.dispose()
+
+    async def finish_sends(
+        self, requests: Sequence[FinishRequest], events: Sequence[AuditEvent]
+    ) -> list[AuditRecord]:
+        """Record the results of sends: finish their claims and append their audit records.
+
+        One transaction on a SQLite file (the direct write path), two elsewhere (claims first:
+        a crash between them leaves a finished claim whose record is missing, which
+        ``audit export --unresolved`` does not hide, rather than a record of a claim still
+        ``pending``).
+
+        Raises:
+            InvalidInputError: a malformed request or event (nothing is written).
+            StoreError: the database failed.
+        """
+        if self.claims.direct is not None and not self._db.closed:
+            check_finish_requests(requests)
+            rows = [e._row() for e in events]
+            now = datetime.now(UTC)
+
+            def work(con: sqlite3.Connection) -> list[dict[str, object]]:
+                fastwrite.finish_many(con, requests, now)
+                return fastwrite.append_audit(con, rows)
+
+            full = await self.claims.direct.run("recording send results", work)
+            return [AuditRecord._from_row(r) for r in full]
+        await self.claims.finish_many(requests)
+        return await self.audit.append(events)
 
     async def __aenter__(self) -> Store:
         return self

@@ -1,0 +1,140 @@
+"""The direct SQLite write path (store/fastwrite.py) against the SQLAlchemy path, on one file.
+
+Both write the same rows, so a process on either path reads what the other wrote, and the
+database alone decides between them (one claim winner, one gap-free audit chain).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from prospect_mailer.errors import StoreError
+from prospect_mailer.store import AuditEvent, ClaimRequest, FinishRequest, Store, sqlite_url
+from prospect_mailer.store.tables import SEND_CLAIMS
+
+R1 = hashlib.sha256(b"one@example.com").hexdigest()
+
+
+def request(send_id: str, recipient_hash: str = R1, key: str = "") -> ClaimRequest:
+    return ClaimRequest(
+        campaign_id="spring",
+        step=1,
+        recipient_hash=recipient_hash,
+        advertiser_id="acme",
+        send_id=send_id,
+        message_key=key,
+    )
+
+
+def finish(send_id: str, status: str = "sent") -> FinishRequest:
+    return FinishRequest(
+        campaign_id="spring",
+        step=1,
+        recipient_hash=R1,
+        send_id=send_id,
+        status=status,  # type: ignore[arg-type]
+        message_id=f"<{send_id}@acme.example>",
+    )
+
+
+def event(send_id: str, status: str) -> AuditEvent:
+    return AuditEvent(
+        kind="send", status=status, send_id=send_id, campaign_id="spring", recipient_hash=R1
+    )
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[tuple[Store, Store]]:
+    """Two stores on one file: ``direct`` (fastwrite) and ``orm`` (SQLAlchemy only)."""
+    url = sqlite_url(tmp_path / "pm.db")
+    async with Store.connect(url) as direct, Store.connect(url) as orm:
+        assert direct.claims.direct is not None
+        assert direct.audit.direct is not None
+        orm.claims.direct = None
+        orm.audit.direct = None
+        yield direct, orm
+
+
+async def test_claims_race_across_both_paths_one_winner(pair: tuple[Store, Store]) -> None:
+    direct, orm = pair
+    results = await asyncio.gather(
+        *((direct if i % 2 else orm).claims.claim_many([request(f"s{i}")]) for i in range(20))
+    )
+    winners = [r[0] for r in results if r[0].claimed]
+    assert len(winners) == 1
+    losers = {(r[0].existing_status, r[0].existing_send_id) for r in results if not r[0].claimed}
+    assert len(losers) == 1
+    assert next(iter(losers))[0] == "pending"
+
+
+async def test_rows_written_directly_read_back_through_sqlalchemy(
+    pair: tuple[Store, Store],
+) -> None:
+    direct, orm = pair
+    before = datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=1)
+    assert (await direct.claims.claim_many([request("a" * 32)]))[0].claimed
+    records = await direct.finish_sends([finish("a" * 32)], [event("a" * 32, "sent")])
+    claim = await orm.claims.by_send_id("a" * 32)
+    assert claim is not None
+    assert (claim.status, claim.message_id) == ("sent", f"<{'a' * 32}@acme.example>")
+    async with orm.engine.connect() as conn:
+        updated = (await conn.execute(select(SEND_CLAIMS.c.updated_at))).scalar_one()
+    assert isinstance(updated, datetime)
+    assert before <= updated
+    # Each path chains after the other; the whole chain verifies on both.
+    await orm.audit.append([event("b" * 32, "pending")])
+    await direct.audit.append([event("b" * 32, "sent")])
+    assert [r.seq for r in await orm.audit.events()] == [1, 2, 3]
+    assert records[0].hash == (await orm.audit.events())[0].hash
+    assert (await orm.audit.verify()).ok
+    assert (await direct.audit.verify()).ok
+
+
+async def test_retry_takes_over_and_duplicates_are_reported(pair: tuple[Store, Store]) -> None:
+    direct, orm = pair
+    first = await direct.claims.claim_many([request("s1"), request("s2")])
+    assert first[0].claimed
+    assert not first[1].claimed
+    assert (first[1].existing_status, first[1].existing_send_id) == ("pending", "s1")
+    await orm.claims.finish_many([finish("s1", "deferred")])
+    retry = await direct.claims.claim_many([request("s3")])
+    assert (retry[0].claimed, retry[0].taken_over, retry[0].existing_send_id) == (
+        True,
+        True,
+        "s1",
+    )
+    assert not (await direct.claims.claim_many([request("s4")]))[0].claimed
+
+
+async def test_send_result_is_one_transaction(pair: tuple[Store, Store], tmp_path: Path) -> None:
+    direct, _ = pair
+    assert (await direct.claims.claim_many([request("s1")]))[0].claimed
+    con = sqlite3.connect(tmp_path / "pm.db")
+    con.execute("DELETE FROM audit_head")  # the audit append will fail
+    con.commit()
+    with pytest.raises(StoreError, match="chain head is missing"):
+        await direct.finish_sends([finish("s1")], [event("s1", "sent")])
+    # ...and the claim finish before it in the same transaction was rolled back.
+    assert await direct.claims.statuses("spring", 1, [R1]) == {R1: "pending"}
+    con.close()
+
+
+async def test_database_errors_become_store_errors(tmp_path: Path) -> None:
+    path = tmp_path / "pm.db"
+    async with Store.connect(sqlite_url(path)) as store:
+        con = sqlite3.connect(path)
+        con.execute("DROP TABLE send_claims")
+        con.commit()
+        con.close()
+        with pytest.raises(StoreError, match="claiming sends failed: OperationalError"):
+            await store.claims.claim_many([request("s1")])
+    with pytest.raises(StoreError, match="closed"):
+        await store.audit.append([event("s1", "sent")])
