@@ -169,4 +169,5 @@ def print_table(title: str, results: list[Result], json_path: Path | None = None
             asdict(r) | {"msgs_per_s": r.rate, "cpu_us_per_msg": r.cpu_us_per_msg} for r in results
         ]
         json_path.write_text(json.dumps({"title": title, "results": rows}, indent=2), "utf-8")
-        print(f"(written to {json_path.relative_to(ROOT)})")
+        shown = json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path
+    print(f"(written to {shown})")

@@ -1,6 +1,6 @@
 """Relay throughput: ``smtp-source -> relay -> smtp-sink`` against a bare forwarding proxy.
 
-    python -m bench.relay [--messages 2000] [--sessions 10] [--sizes 2k,100k]
+    python -m bench.relay [--messages 2000] [--sessions 10] [--sizes 2k,100k,5m]
 
 Both servers run in their own process; ``smtp-source`` and ``smtp-sink`` (Postfix's C tools,
 Debian package ``postfix``; the daemon is never started) drive and absorb the load. Each
@@ -11,7 +11,9 @@ per message. Target (issue 6): the relay >= 0.6x the bare proxy.
 from __future__ import annotations
 
 import argparse
+import base64
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -23,20 +25,40 @@ from .common import ROOT, Result, body_texts, free_port, print_table, smtp_sink,
 
 
 def message_file(directory: Path, size: str) -> Path:
+    """2k and 100k: multipart/alternative text + HTML; 5m: that plus a 5 MB attachment."""
     text, html = body_texts(size)
     boundary = "=_bench_boundary"
-    body = (
-        "From: ACME Ventes <ventes@acme.example>\r\n"
-        "To: prospect@x.example\r\n"
-        "Subject: Capteurs\r\n"
-        "Message-ID: <bench-1@acme.example>\r\n"
-        "MIME-Version: 1.0\r\n"
-        f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n\r\n'
+    alternative = (
         f"--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\n"
         "Content-Transfer-Encoding: 8bit\r\n\r\n"
         + text.replace("\n", "\r\n")
         + f"\r\n--{boundary}\r\nContent-Type: text/html; charset=utf-8\r\n"
         "Content-Transfer-Encoding: 8bit\r\n\r\n" + html + f"\r\n--{boundary}--\r\n"
+    )
+    if size == "5m":
+        outer = "=_bench_mixed"
+        blob = base64.encodebytes(random.Random(5).randbytes(5 * 1024 * 1024 * 3 // 4))
+        content = (
+            f'Content-Type: multipart/mixed; boundary="{outer}"\r\n\r\n'
+            f"--{outer}\r\n"
+            f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n\r\n'
+            + alternative
+            + f"--{outer}\r\nContent-Type: application/pdf\r\n"
+            'Content-Disposition: attachment; filename="catalogue.pdf"\r\n'
+            "Content-Transfer-Encoding: base64\r\n\r\n"
+            + blob.decode("ascii").replace("\n", "\r\n")
+            + f"--{outer}--\r\n"
+        )
+    else:
+        content = (
+            f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n\r\n' + alternative
+        )
+    body = (
+        "From: ACME Ventes <ventes@acme.example>\r\n"
+        "To: prospect@x.example\r\n"
+        "Subject: Capteurs\r\n"
+        "Message-ID: <bench-1@acme.example>\r\n"
+        "MIME-Version: 1.0\r\n" + content
     )
     path = directory / f"message-{size}.eml"
     # smtp-source -F reads lines and sends each with CRLF: the file has plain LF ends.
@@ -101,7 +123,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--messages", type=int, default=2000)
     ap.add_argument("--sessions", type=int, default=10)
-    ap.add_argument("--sizes", default="2k,100k")
+    ap.add_argument("--sizes", default="2k,100k,5m")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "relay.json")
     a = ap.parse_args()
     if not (shutil.which("smtp-source") or Path("/usr/sbin/smtp-source").exists()):
@@ -113,7 +135,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, smtp_sink() as (sink_port, kind):
         for size in a.sizes.split(","):
             msg = message_file(Path(tmp), size)
-            n = a.messages if size == "2k" else max(100, a.messages // 4)
+            n = {"2k": a.messages, "100k": max(100, a.messages // 4)}.get(
+                size, max(20, a.messages // 50)
+            )
             for reuse in (True, False):
                 base = run("bare", sink_port, msg, n, a.sessions, reuse)
                 ours = run("ours", sink_port, msg, n, a.sessions, reuse)

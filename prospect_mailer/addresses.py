@@ -15,6 +15,7 @@ failure for a suppression list.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import unicodedata
@@ -121,15 +122,21 @@ def normalise_domain(domain: str, *, where: str | None = None) -> str:
             f"address literal domains are not accepted: {raw!r}", address=where or raw
         )
     try:
-        alabel = idna.encode(d, uts46=True, transitional=False).decode("ascii")
+        alabel = _alabel(d)
     except (idna.IDNAError, UnicodeError) as exc:
         raise InvalidAddressError(f"invalid domain {raw!r}: {exc}", address=where or raw) from exc
-    alabel = alabel.lower()
     if "." not in alabel:
         raise InvalidAddressError(
             f"domain {raw!r} has no dot; a public mail domain is expected", address=where or raw
         )
     return alabel
+
+
+@functools.lru_cache(maxsize=4096)
+def _alabel(domain: str) -> str:
+    # IDNA2008 with UTS#46 mapping costs ~10 µs a call, and mail goes to few distinct domains
+    # (the relay normalises every RCPT): a pure function of its argument, so memoised.
+    return idna.encode(domain, uts46=True, transitional=False).decode("ascii").lower()
 
 
 def _looks_like_ip(d: str) -> bool:

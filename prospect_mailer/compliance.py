@@ -36,6 +36,8 @@ from jinja2 import (
     Template,
     TemplateError,
     TemplateNotFound,
+    meta,
+    nodes,
     select_autoescape,
 )
 from jinja2.sandbox import SandboxedEnvironment
@@ -214,6 +216,8 @@ class FooterRenderer:
         }
         self._compiled: dict[tuple[bool, str], Template] = {}
         self._hashes: dict[tuple[str, str], str] = {}
+        self._used: dict[tuple[str, str], tuple[str, ...] | None] = {}
+        self._footers: dict[tuple[object, ...], tuple[str, str] | Literal[False]] = {}
 
     @staticmethod
     def template_context(ctx: FooterContext) -> dict[str, object]:
@@ -238,20 +242,83 @@ class FooterRenderer:
     def render(self, ctx: FooterContext) -> RenderedFooters:
         """Render the text and HTML footers for ``ctx``.
 
+        Footers differ between the recipients of a campaign mostly by their unsubscribe links,
+        so a rendering is reused for every context that gives the templates the same values,
+        with the links swapped in (see :meth:`_render_cached`).
+
         Raises:
             ConfigError: a footer template is missing or broken, or leaves out what the rules
                 require (separator, unsubscribe URL, legal name, HTML block classes).
         """
         names = (f"footer.{ctx.locale}.txt.j2", f"footer.{ctx.locale}.html.j2")
         values = self.template_context(ctx)
+        text, html = self._render_cached(names, values)
+        _verify_footers(text, html, ctx, names)
+        return RenderedFooters(text=text, html=html, template_hash=self._hash(names))
+
+    def _render(self, names: tuple[str, str], values: Mapping[str, object]) -> tuple[str, str]:
         try:
             text, html = (self.env.get_template(n).render(values) for n in names)
         except TemplateNotFound as exc:
             raise ConfigError(f"footer template {exc.name!r} not found") from exc
         except TemplateError as exc:
             raise ConfigError(f"footer template failed to render: {exc}") from exc
-        _verify_footers(text, html, ctx, names)
-        return RenderedFooters(text=text, html=html, template_hash=self._hash(names))
+        return text, html
+
+    def _render_cached(self, names: tuple[str, str], values: dict[str, object]) -> tuple[str, str]:
+        """What :meth:`_render` gives, from a rendering with placeholder links when it can.
+
+        The key is the values of the variables the two templates read (found by parsing
+        them), links excepted, and whether there is a mailto. A key is only cached once two
+        renderings with *different* placeholder links turn out identical after the swap, i.e.
+        the templates use the links only verbatim (not their length, not in a test); templates
+        that include, extend or import others are never cached (their variables are not all
+        visible). Anything else is rendered every time.
+        """
+        used = self._variables(names)
+        if used is None:
+            return self._render(names, values)
+        has_mailto = values["unsubscribe_mailto"] is not None
+        key = (names, has_mailto, tuple(values.get(v) for v in used))
+        cached = self._footers.get(key)
+        if cached is None:
+            first = self._render(names, {**values, **_placeholders(0, has_mailto)})
+            second = self._render(names, {**values, **_placeholders(1, has_mailto)})
+            same = _swap_links(first, 0, has_mailto, _MARK) == _swap_links(
+                second, 1, has_mailto, _MARK
+            )
+            if len(self._footers) >= _FOOTER_CACHE_SIZE:
+                self._footers.clear()
+            cached = self._footers[key] = first if same else False
+        if cached is False:
+            return self._render(names, values)
+        return _swap_links(cached, 0, has_mailto, values)
+
+    def _variables(self, names: tuple[str, str]) -> tuple[str, ...] | None:
+        """The variables the two templates read, links excepted; ``None``: do not cache."""
+        if names not in self._used:
+            found: set[str] | None = set()
+            for name in names:
+                try:
+                    assert self.env.loader is not None
+                    source = self.env.loader.get_source(self.env, name)[0]
+                    tree = self.env.parse(source)
+                except TemplateNotFound as exc:
+                    raise ConfigError(f"footer template {exc.name!r} not found") from exc
+                except TemplateError:
+                    found = None  # rendering will report it
+                    break
+                if any(
+                    tree.find_all((nodes.Include, nodes.Extends, nodes.Import, nodes.FromImport))
+                ):
+                    found = None
+                    break
+                assert found is not None
+                found |= meta.find_undeclared_variables(tree)
+            self._used[names] = (
+                None if found is None else tuple(sorted(found - set(_LINK_VARIABLES)))
+            )
+        return self._used[names]
 
     def render_string(self, source: str, context: Mapping[str, object], *, html: bool) -> str:
         """Render a campaign body template given as source.
@@ -285,6 +352,47 @@ class FooterRenderer:
                 digest.update(len(source).to_bytes(8, "big") + source)
             cached = self._hashes[names] = digest.hexdigest()
         return cached
+
+
+_FOOTER_CACHE_SIZE = 1024
+_LINK_VARIABLES = ("unsubscribe_url", "unsubscribe_mailto", "unsubscribe_address")
+# Placeholder links: plain ASCII that no escaping changes, two of each so that a template
+# that reads a link other than verbatim (its length, a test on it) gives two renderings that
+# differ. The address is a substring of the mailto URI: the URI is always swapped first.
+_PLACEHOLDERS = (
+    ("https://pm-placeholder.invalid/u/AAAA", "mailto:unsubscribe+PMAAAA@pm-placeholder.invalid"),
+    ("https://pm-placeholder.invalid/unsub/BBBBBBBBBB",
+     "mailto:unsub+PMBBBBBBBBBB@pm-placeholder.invalid"),
+)  # fmt: skip
+_MARK = {
+    "unsubscribe_url": "\x00U\x00",
+    "unsubscribe_mailto": "\x00M\x00",
+    "unsubscribe_address": "\x00A\x00",
+}
+
+
+def _placeholders(which: int, has_mailto: bool) -> dict[str, object]:
+    url, mailto = _PLACEHOLDERS[which]
+    return {
+        "unsubscribe_url": url,
+        "unsubscribe_mailto": mailto if has_mailto else None,
+        "unsubscribe_address": mailto[7:] if has_mailto else None,
+    }
+
+
+def _swap_links(
+    rendered: tuple[str, str], which: int, has_mailto: bool, values: Mapping[str, object]
+) -> tuple[str, str]:
+    """``rendered`` (from placeholders ``which``) with the links of ``values`` swapped in:
+    as they are in the text footer, HTML-escaped in the HTML one."""
+    marks = _placeholders(which, has_mailto)
+    order = ("unsubscribe_mailto", "unsubscribe_address", "unsubscribe_url")
+    swaps = [(str(marks[k]), str(values[k])) for k in order if marks[k] is not None]
+    text, html = rendered
+    for old, new in swaps:
+        text = text.replace(old, new)
+        html = html.replace(old, str(escape(new)) if values is not _MARK else new)
+    return text, html
 
 
 def _verify_footers(text: str, html: str, ctx: FooterContext, names: tuple[str, str]) -> None:

@@ -1,0 +1,127 @@
+"""FooterRenderer reuses a rendering for contexts that differ only by their links.
+
+Every result must equal a fresh rendering of the same templates (a renderer with the cache
+bypassed); templates that use a link other than verbatim, or include others, are rendered
+each time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prospect_mailer.compliance import FooterContext, FooterRenderer
+
+BASE = FooterContext(
+    locale="fr",
+    advertiser_legal_name="Dupont & Fils",
+    advertiser_postal_address="12 rue de la Paix\n75002 Paris",
+    advertiser_contact="dpo@dupont.example",
+    unsubscribe_url="https://unsub.example.com/u/tok-1",
+    unsubscribe_mailto="mailto:unsubscribe+tok-1@example.com",
+    source_name="Salon Pro Events",
+    source_type="partner",
+    collection_method="formulaire",
+    collected_at=date(2024, 3, 12),
+    first_contact=True,
+    campaign_id="spring",
+)
+
+
+def fresh(renderer: FooterRenderer, ctx: FooterContext) -> tuple[str, str]:
+    """The rendering without any cache."""
+    names = (f"footer.{ctx.locale}.txt.j2", f"footer.{ctx.locale}.html.j2")
+    return renderer._render(names, renderer.template_context(ctx))
+
+
+token = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.", min_size=1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    tok=token,
+    short=token,
+    mailto=st.booleans(),
+    first=st.booleans(),
+    locale=st.sampled_from(["fr", "en"]),
+    amp=st.booleans(),
+)
+def test_cached_footers_equal_fresh_ones(
+    tok: str, short: str, mailto: bool, first: bool, locale: str, amp: bool
+) -> None:
+    renderer = FooterRenderer()
+    query = "?a=1&b=2" if amp else ""  # escaped differently in HTML: must be swapped escaped
+    for i in range(3):  # the first fills the cache, the next ones use it
+        ctx = replace(
+            BASE,
+            locale=locale,  # type: ignore[arg-type]
+            unsubscribe_url=f"https://unsub.example.com/u/{tok}{i}{query}",
+            unsubscribe_mailto=f"mailto:unsubscribe+{short}{i}@example.com" if mailto else None,
+            first_contact=first,
+        )
+        got = renderer.render(ctx)
+        assert (got.text, got.html) == fresh(renderer, ctx)
+    assert len(renderer._footers) == 1
+
+
+def test_values_the_templates_read_are_part_of_the_key() -> None:
+    renderer = FooterRenderer()
+    a = renderer.render(BASE)
+    b = renderer.render(replace(BASE, source_name="Autre Salon"))
+    assert "Salon Pro Events" in a.text
+    assert "Autre Salon" in b.text
+    assert "Salon Pro Events" not in b.text
+    # A value no shipped template reads (the recipient's name) shares the rendering.
+    renderer.render(replace(BASE, recipient_name="Zoé"))
+    assert len(renderer._footers) == 2
+
+
+def write(folder: Path, locale: str, text: str, html: str) -> None:
+    (folder / f"footer.{locale}.txt.j2").write_text(text, encoding="utf-8")
+    (folder / f"footer.{locale}.html.j2").write_text(html, encoding="utf-8")
+
+
+HTML = (
+    '<div class="prospect-mailer-footer"><p class="pm-origin">o</p>'
+    '<p class="pm-objection">x</p><p class="pm-optout">{{ advertiser_legal_name }} '
+    '<a href="{{ unsubscribe_url }}">stop</a></p></div>'
+)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # reads the link's length: not verbatim, so never served from the cache
+        "-- \n{{ advertiser_legal_name }} {{ unsubscribe_url }} ({{ unsubscribe_url|length }})",
+        # a test on the link
+        "-- \n{{ advertiser_legal_name }} {{ unsubscribe_url }}"
+        "{% if 'AAAA' in unsubscribe_url %} A{% endif %}",
+    ],
+)
+def test_templates_using_links_otherwise_are_rendered_each_time(tmp_path: Path, text: str) -> None:
+    write(tmp_path, "fr", text, HTML)
+    renderer = FooterRenderer([tmp_path])
+    for url in ("https://u.example/AAAA", "https://u.example/bbbbbbbbbbbb"):
+        ctx = replace(BASE, unsubscribe_url=url)
+        got = renderer.render(ctx)
+        assert (got.text, got.html) == fresh(renderer, ctx)
+    assert set(renderer._footers.values()) == {False}
+
+
+def test_templates_that_include_others_are_not_cached(tmp_path: Path) -> None:
+    (tmp_path / "part.j2").write_text("{{ recipient_name }}", encoding="utf-8")
+    write(
+        tmp_path,
+        "fr",
+        "-- \n{{ advertiser_legal_name }} {{ unsubscribe_url }} {% include 'part.j2' %}",
+        HTML,
+    )
+    renderer = FooterRenderer([tmp_path])
+    assert renderer.render(replace(BASE, recipient_name="Ann")).text.endswith("Ann")
+    assert renderer.render(replace(BASE, recipient_name="Bob")).text.endswith("Bob")
+    assert renderer._footers == {}
