@@ -24,6 +24,7 @@ import functools
 import importlib
 import ipaddress
 import logging
+import re
 import socket
 import ssl
 from base64 import b64decode
@@ -67,6 +68,14 @@ def default_inbound_handler() -> InboundHandler | None:
     return cast(InboundHandler, module.handle_inbound)
 
 
+# <dot-atom@dot-atom-domain>, then optional spaces (which the RFC 5322 parser consumes as CFWS)
+# when parameters or nothing follow. A comment "(" after it is left to the full parser.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_ANGLE_ADDR = re.compile(
+    rf"[ \t]*<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*(?=[^ \t(]|$)"
+)
+
+
 class RelaySession(AiosmtpdSMTP):
     """One client connection: aiosmtpd's protocol plus admission, shutdown and timeouts."""
 
@@ -80,6 +89,23 @@ class RelaySession(AiosmtpdSMTP):
 
     def _create_envelope(self) -> RelayEnvelope:
         return RelayEnvelope()
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's address parsing, with a fast path for a plain ``<local@domain>``.
+
+        aiosmtpd runs the email package's RFC 5322 parser on every MAIL FROM and RCPT TO (and
+        builds a class each time): ~100 µs, a tenth of a relayed message's CPU. A dot-atom
+        local part at a plain domain, followed by nothing, spaces or parameters, parses to
+        itself; anything else (quotes, comments, literals, non-ASCII) takes aiosmtpd's path.
+        """
+        match = _PLAIN_ANGLE_ADDR.match(arg) if arg else None
+        if match is None:
+            return super()._getaddr(arg)
+        address = match.group(1)
+        local = address.rpartition("@")[0]
+        if self.local_part_limit and len(local) > self.local_part_limit:
+            return None, None
+        return address, arg[match.end() :]
 
     @property
     def authenticated_user(self) -> str | None:
