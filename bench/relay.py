@@ -66,19 +66,37 @@ def message_file(directory: Path, size: str) -> Path:
     return path
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (relay workers are children of the relay process)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return [pid]
+    return [pid, *(p for child in children for p in tree(int(child)))]
+
+
 def proc_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds used so far by ``pid`` and its descendants."""
+    total = 0
+    for p in tree(pid):
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def proc_peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """Peak RSS of ``pid`` plus that of each descendant (an upper bound of the total)."""
+    total = 0.0
+    for p in tree(pid):
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1]) / 1024
+    return total
 
 
-def run(kind: str, sink_port: int, msg: Path, n: int, sessions: int, reuse: bool) -> Result:
+def run(
+    kind: str, sink_port: int, msg: Path, n: int, sessions: int, reuse: bool, workers: int = 1
+) -> Result:
     port = free_port()
     with tempfile.TemporaryDirectory(dir=ROOT / "bench" / ".cache") as tmp:
         if kind == "bare":
@@ -86,7 +104,7 @@ def run(kind: str, sink_port: int, msg: Path, n: int, sessions: int, reuse: bool
         else:
             db = str(Path(tmp) / "relay.db")
             cmd = [sys.executable, "-m", "bench.relay_server", db, str(port), str(sink_port),
-                   str(n + 10)]  # fmt: skip
+                   str(n + 10), str(workers)]  # fmt: skip
         server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         try:
             if kind != "bare":
@@ -110,9 +128,10 @@ def run(kind: str, sink_port: int, msg: Path, n: int, sessions: int, reuse: bool
         finally:
             server.terminate()
             server.wait(30)
-    name = f"{'bare proxy' if kind == 'bare' else 'prospect-mailer relay'} {msg.stem[8:]} " + (
-        "reused sessions" if reuse else "new sessions"
-    )
+    who = "bare proxy" if kind == "bare" else "prospect-mailer relay"
+    if workers > 1:
+        who += f" x{workers} workers"
+    name = f"{who} {msg.stem[8:]} " + ("reused sessions" if reuse else "new sessions")
     result = Result(name, n, wall, cpu, rss, extra={"client_errors": errors[:5]})
     if errors:
         print(f"{name}: smtp-source reported {len(errors)} error line(s): {errors[:3]}")
@@ -124,6 +143,13 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=2000)
     ap.add_argument("--sessions", type=int, default=10)
     ap.add_argument("--sizes", default="2k,100k,5m")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="also run the relay with this many worker processes ([relay] workers); "
+        "the bare proxy stays one process",
+    )
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "relay.json")
     a = ap.parse_args()
     if not (shutil.which("smtp-source") or Path("/usr/sbin/smtp-source").exists()):
@@ -140,9 +166,11 @@ def main() -> None:
             )
             for reuse in (True, False):
                 base = run("bare", sink_port, msg, n, a.sessions, reuse)
-                ours = run("ours", sink_port, msg, n, a.sessions, reuse)
-                ours.baseline = base.name
-                results += [base, ours]
+                results.append(base)
+                for workers in sorted({1, a.workers}):
+                    ours = run("ours", sink_port, msg, n, a.sessions, reuse, workers)
+                    ours.baseline = base.name
+                    results.append(ours)
     print_table(
         f"Relay: smtp-source -> server -> {kind} ({a.sessions} client sessions at once)",
         results,

@@ -1,19 +1,22 @@
 """The prospect-mailer relay for the benchmark, on a prepared store.
 
-``python -m bench.relay_server DB LISTEN_PORT UPSTREAM_PORT PROSPECTS`` registers campaign
-``bench`` (bound to the sender ``ventes@acme.example``) and prospects ``{i}to@x.example``
-(what ``smtp-source -N -t to@x.example`` sends to), then relays to the upstream.
+``python -m bench.relay_server DB LISTEN_PORT UPSTREAM_PORT PROSPECTS [WORKERS]`` registers
+campaign ``bench`` (bound to the sender ``ventes@acme.example``) and prospects
+``{i}to@x.example`` (what ``smtp-source -N -t to@x.example`` sends to), then relays to the
+upstream, in one process or in WORKERS processes sharing the port (``[relay] workers``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import sys
 
 from prospect_mailer import Prospect, ProspectMailer, SMTPTransport
 from prospect_mailer.relay import RelayServer
 from prospect_mailer.relay_config import RelaySettings
+from prospect_mailer.relay_workers import bind_listener, run_workers
 from prospect_mailer.store import Store, sqlite_url
 from prospect_mailer.tokens import TokenSigner
 
@@ -26,13 +29,17 @@ def prospect(i: int) -> Prospect:
     return bench_prospect(f"{i}to@x.example")
 
 
-async def main(db: str, listen: int, upstream: int, prospects: int) -> None:
+async def prepare(db: str, prospects: int) -> None:
     async with Store.connect(sqlite_url(db)) as store:
         await store.campaigns.upsert(CAMPAIGN)
         for start in range(0, prospects + 1, 5000):
             await store.prospects.upsert_many(
                 prospect(i) for i in range(start, min(prospects + 1, start + 5000))
             )
+
+
+async def serve(db: str, listen: int, upstream: int, sock: socket.socket | None) -> None:
+    async with Store.connect(sqlite_url(db)) as store:
         transport = SMTPTransport("127.0.0.1", upstream, start_tls=False, pool_size=16)
         mailer = ProspectMailer(
             store=store,
@@ -50,15 +57,31 @@ async def main(db: str, listen: int, upstream: int, prospects: int) -> None:
             max_message_size=64 * 1024 * 1024,
         )
         relay = RelayServer(mailer, settings)
-        await relay.start()
+        await relay.start(sock)
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        print("ready", flush=True)
+        if sock is None:
+            print("ready", flush=True)
         await stop.wait()
         await relay.close()
         await mailer.close()
         await transport.close()
 
 
+def main(db: str, listen: int, upstream: int, prospects: int, workers: int) -> int:
+    asyncio.run(prepare(db, prospects))
+    if workers == 1:
+        asyncio.run(serve(db, listen, upstream, None))
+        return 0
+    listener = bind_listener("127.0.0.1", listen)
+    return run_workers(
+        listener,
+        workers,
+        lambda sock, _i: asyncio.run(serve(db, listen, upstream, sock)),
+        on_started=lambda: print("ready", flush=True),
+    )
+
+
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))
+    args = [*sys.argv[1:], "1"][:5]
+    sys.exit(main(args[0], int(args[1]), int(args[2]), int(args[3]), int(args[4])))

@@ -8,6 +8,7 @@ carries both footers and the RFC 8058 headers: the caller cannot skip this.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import date, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -16,11 +17,46 @@ from typing import Any
 from .addresses import NormalisedAddress, normalise
 from .compliance import FooterContext, FooterRenderer, apply_compliance
 from .fastmime import compose_bytes
+from .mime import parse_message
 from .models import Campaign, Decision, Prospect
+from .rawmime import apply_compliance_bytes
 from .tokens import TokenSigner, UnsubscribeToken
 from .transport import wire_bytes
 
-__all__ = ["Composer", "footer_context"]
+__all__ = ["Composer", "RawMessage", "footer_context"]
+
+#: Headers a client adds for the relay (``X-Prospect-Campaign``...): never for the recipient.
+RELAY_HEADER_PREFIX = "x-prospect-"
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    """A caller's message as the wire bytes it arrived in (the relay's DATA, CRLF lines).
+
+    Composed on the byte level when its shape allows (:mod:`prospect_mailer.rawmime`), else
+    through the email package (:meth:`parsed`); either way ``X-Prospect-*`` headers are dropped
+    and ``message_id`` is added when the message has none.
+
+    Attributes:
+        data: the message.
+        message_id: the Message-ID to add if the message has none, or ``None``.
+    """
+
+    data: bytes
+    message_id: str | None = None
+
+    def parsed(self) -> EmailMessage:
+        """The message parsed by the email package, with the same header changes.
+
+        Raises:
+            InvalidMessageError: the message cannot be processed safely.
+        """
+        message = parse_message(self.data)
+        for name in {k for k in message if k.lower().startswith(RELAY_HEADER_PREFIX)}:
+            del message[name]
+        if self.message_id and "Message-ID" not in message:
+            message["Message-ID"] = self.message_id
+        return message
 
 
 def footer_context(
@@ -121,7 +157,7 @@ class Composer:
         decision: Decision,
         send_id: str,
         now: datetime,
-        given: EmailMessage | None,
+        given: EmailMessage | RawMessage | None,
     ) -> tuple[EmailMessage | bytes, str, str, str]:
         p = prospect
         locale = p.locale or campaign.locale
@@ -147,6 +183,22 @@ class Composer:
             )
         )
         token_id = self.signer.token_id(token)
+        if isinstance(given, RawMessage):
+            done = apply_compliance_bytes(
+                given.data,
+                footers,
+                list_unsubscribe_url=url,
+                list_unsubscribe_mailto=mailto,
+                message_id_domain=from_domain,
+                now=now,
+                drop_header_prefix=RELAY_HEADER_PREFIX,
+                add_message_id=given.message_id,
+                from_display_name=campaign.from_name,
+                from_address=campaign.from_address,
+            )
+            if done is not None:
+                return done[0], done[1], token_id, footers.template_hash
+            given = given.parsed()  # a shape the byte level leaves to the email package
         if given is not None:
             # Someone else's MIME (the relay): inject into every text part of a copy.
             final = apply_compliance(
@@ -189,7 +241,7 @@ class Composer:
         decision: Decision,
         send_id: str,
         now: datetime,
-        given: EmailMessage | None,
+        given: EmailMessage | RawMessage | None,
     ) -> tuple[bytes, str, str, str]:
         """:meth:`compose`, then serialised to wire bytes (for a worker thread)."""
         message, message_id, token_id, template_hash = self.compose(

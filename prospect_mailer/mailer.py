@@ -18,7 +18,7 @@ from typing import Self
 
 from .addresses import RoleClassifier
 from .compliance import FooterRenderer
-from .compose import Composer
+from .compose import Composer, RawMessage
 from .config import PLACEHOLDER_BASE_URL, Settings, load_settings
 from .errors import (
     ConfigError,
@@ -242,7 +242,7 @@ class ProspectMailer:
         *,
         force: bool = False,
         dry_run: bool = False,
-        message: EmailMessage | bytes | None = None,
+        message: EmailMessage | bytes | RawMessage | None = None,
         message_key: str = "",
     ) -> Outcome:
         """Decide and, if allowed, send one message.
@@ -258,6 +258,8 @@ class ProspectMailer:
                 with ``status="allowed"``.
             message: send this message (e.g. one an SMTP client handed to the relay) instead
                 of rendering the campaign's templates. The compliance step still applies.
+                A :class:`~prospect_mailer.compose.RawMessage` (wire bytes) is composed on the
+                byte level when its shape allows, without the email package.
             message_key: part of the idempotency key; the relay passes the Message-ID so that
                 a client's retry of one message is a duplicate, not a new campaign step.
 
@@ -267,15 +269,21 @@ class ProspectMailer:
         # Headers checked (CVE-2024-6923 style CR/LF) before any decision. A message object is
         # not copied here: the compliance step works on its own copy per recipient and never
         # changes the caller's object, so one copy per send is enough.
-        parsed: EmailMessage | None
-        if isinstance(message, bytes | bytearray):
+        parsed: EmailMessage | RawMessage | None
+        if isinstance(message, RawMessage):
+            # Checked header by header as it is composed (byte level or email package).
+            parsed = message
+        elif isinstance(message, bytes | bytearray):
             parsed = parse_message(bytes(message))
         elif message is not None:
             check_headers_safe(message)
             parsed = message
         else:
             parsed = None
-        big = parsed is not None and _approx_size(parsed) > BIG_MESSAGE
+        if isinstance(parsed, RawMessage):
+            big = len(parsed.data) > BIG_MESSAGE
+        else:
+            big = parsed is not None and _approx_size(parsed) > BIG_MESSAGE
         options = Options(
             force=force, dry_run=dry_run, message=parsed, message_key=message_key, big=big
         )

@@ -340,17 +340,22 @@ class RelayServer:
             command_call_limit={"AUTH": 5, "*": 1_000_000},  # slow down password guessing
         )
 
-    async def start(self) -> None:
-        """Listen on ``settings.listen`` (port 0: pick one; see :attr:`port`)."""
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on ``settings.listen`` (port 0: pick one; see :attr:`port`), or accept on
+        ``sock``, a listening socket shared with other relay processes (``workers``)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._make_session,
-            host=self.host,
-            port=self.port,
-            ssl=self.tls_context if self.settings.implicit_tls else None,
-            reuse_address=True,
-            family=socket.AF_INET6 if ":" in self.host else socket.AF_INET,
-        )
+        ssl_context = self.tls_context if self.settings.implicit_tls else None
+        if sock is not None:
+            self._server = await loop.create_server(self._make_session, sock=sock, ssl=ssl_context)
+        else:
+            self._server = await loop.create_server(
+                self._make_session,
+                host=self.host,
+                port=self.port,
+                ssl=ssl_context,
+                reuse_address=True,
+                family=socket.AF_INET6 if ":" in self.host else socket.AF_INET,
+            )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("relay listening on %s:%d", self.host, self.port)
 

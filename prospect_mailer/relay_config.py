@@ -115,6 +115,8 @@ class RelaySettings(BaseModel):
         data_timeout: seconds allowed to transfer the message after DATA.
         concurrency: upstream messages in flight for one relayed message.
         shutdown_grace: seconds in-flight transactions get to finish on SIGTERM.
+        workers: relay processes sharing the listening socket (one per core to use; see
+            :mod:`prospect_mailer.relay_workers`); connection limits are per worker.
         dkim_key, dkim_selector, dkim_domain: sign every message after injection (needs the
             ``dkim`` extra); ``h=`` always covers List-Unsubscribe and List-Unsubscribe-Post.
     """
@@ -138,6 +140,7 @@ class RelaySettings(BaseModel):
     data_timeout: float = Field(default=600.0, gt=0)
     concurrency: int = Field(default=8, ge=1, le=256)
     shutdown_grace: float = Field(default=30.0, ge=0)
+    workers: int = Field(default=1, ge=1, le=64)
     dkim_key: Path | None = None
     dkim_selector: str | None = None
     dkim_domain: str | None = None

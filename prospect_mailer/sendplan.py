@@ -10,6 +10,7 @@ from typing import Any, Generic, TypeVar
 
 from . import policy
 from .addresses import NormalisedAddress
+from .compose import RawMessage
 from .models import Campaign, Decision, Outcome, Prospect
 from .store import AuditEvent, ClaimStatus, FinishRequest, Store, SuppressionHit
 
@@ -33,7 +34,8 @@ Res = TypeVar("Res")
 class Options:
     force: bool = False
     dry_run: bool = False
-    message: EmailMessage | None = None  # the caller's message (relay) instead of templates
+    # The caller's message (relay) instead of the campaign's templates.
+    message: EmailMessage | RawMessage | None = None
     message_key: str = ""
     big: bool = False  # compose and serialise off the event loop (a large caller's message)
 

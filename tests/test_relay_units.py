@@ -218,3 +218,60 @@ def test_example_relay_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
 async def registered_campaigns(folder: Path) -> list[str]:
     async with Store.connect(f"sqlite+aiosqlite:///{folder}/db.db") as store:
         return [c.id for c in await store.campaigns.list()]
+
+
+async def test_relay_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
+    env = os.environ | {
+        "PROSPECT_MAILER_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/db.db",
+        "PROSPECT_MAILER_OUTBOX_DIR": str(tmp_path / "outbox"),
+        "PROSPECT_MAILER_SECRET_KEY": "k" * 32,
+    }
+    env.pop("PROSPECT_MAILER_CONFIG", None)
+    code = "from prospect_mailer.cli import main; raise SystemExit(main())"
+
+    async def start() -> tuple[asyncio.subprocess.Process, int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, "relay", "--listen", "127.0.0.1:0", "--workers", "2",
+            cwd=tmp_path, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        seen = ""
+        while seen.count("listening on") < 3:  # the parent's line, then each worker's
+            seen += (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        first = seen.split("relay listening on 127.0.0.1:", 1)[1]
+        assert first.split(",", 1)[1].startswith(" 2 worker processes"), seen
+        return proc, int(first.split(",", 1)[0]), seen
+
+    proc, port, seen = await start()
+    assert proc.stdout is not None
+    try:
+        assert "relay worker 0 listening" in seen
+        assert "relay worker 1 listening" in seen
+        for _ in range(6):  # every connection is served by one worker or the other
+            ex = await smtp_exchange(port, [MARIE], None)
+            assert ex.rcpt[MARIE][0] == 550
+        proc.send_signal(signal.SIGTERM)
+        rest = (await asyncio.wait_for(proc.stdout.read(), 30)).decode()
+        assert await proc.wait() == 0, rest
+        assert rest.count("stopped: in-flight messages finished") == 2, rest
+        assert "relay stopped: every worker finished" in rest
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+    # A worker that dies on its own takes the relay down loudly (exit 1), not half-staffed.
+    proc, port, _ = await start()
+    assert proc.stdout is not None
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(children) == 2
+        os.kill(int(children[0]), signal.SIGKILL)
+        rest = (await asyncio.wait_for(proc.stdout.read(), 30)).decode()
+        assert await proc.wait() == 1, rest
+        assert "exited by itself" in rest
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -16,7 +17,8 @@ from ..campaigns import campaign_ref, load_relay_campaign, register_campaigns
 from ..config import Settings, load_settings
 from ..models import Campaign
 from ..relay import RelayServer
-from ..relay_config import RelaySettings, hash_password
+from ..relay_config import RelaySettings, hash_password, parse_listen
+from ..relay_workers import bind_listener, run_workers
 from ..store import Store
 from .app import app, console
 
@@ -41,6 +43,12 @@ def relay(
             "(default: relay.upstream, else smtp_url, else the outbox folder)"
         ),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=64, help="relay processes sharing the port, e.g. one per core (default 1)"
+        ),
+    ] = None,
 ) -> None:
     """Run the relay until SIGTERM or Ctrl-C (in-flight messages are finished first).
 
@@ -54,13 +62,31 @@ def relay(
         changes["listen"] = listen
     if upstream:
         changes["upstream"] = upstream
+    if workers is not None:
+        changes["workers"] = workers
     if changes:
         merged = RelaySettings.model_validate(settings.relay.model_dump() | changes)
         settings = settings.model_copy(update={"relay": merged})
-    asyncio.run(_serve(settings))
+    count = settings.relay.workers
+    if count == 1:
+        asyncio.run(_serve(settings))
+        return
+    listener = bind_listener(*parse_listen(settings.relay.listen))
+    host, port = listener.getsockname()[:2]
+
+    def started() -> None:
+        # Flushed at once: scripts and tests wait for this line to connect.
+        print(f"relay listening on {host}:{port}, {count} worker processes", flush=True)
+
+    def worker(sock: socket.socket, index: int) -> None:
+        asyncio.run(_serve(settings, sock, index))
+
+    code = run_workers(listener, count, worker, on_started=started)
+    print("relay stopped: every worker finished", flush=True)
+    raise typer.Exit(code)
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, sock: socket.socket | None = None, index: int = 0) -> None:
     server = await RelayServer.from_settings(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -69,17 +95,18 @@ async def _serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         try:
-            await server.start()
+            await server.start(sock)
         except BaseException:
             await server.close()
             raise
         where = "the outbox " + str(settings.outbox_dir)
         if settings.relay.upstream or settings.smtp_url:
             where = repr(getattr(server.handler.dsn_transport, "host", "upstream SMTP"))
+        who = f"relay worker {index}" if sock is not None else "relay"
         # Flushed at once: scripts and tests wait for this line to connect.
-        print(f"relay listening on {server.host}:{server.port}, delivering to {where}", flush=True)
+        print(f"{who} listening on {server.host}:{server.port}, delivering to {where}", flush=True)
         await server.serve_until(stop)
-        print("relay stopped: in-flight messages finished, store closed", flush=True)
+        print(f"{who} stopped: in-flight messages finished, store closed", flush=True)
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)

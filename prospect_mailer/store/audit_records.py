@@ -91,8 +91,15 @@ def _json_default(value: object) -> object:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+_PLAIN = frozenset({bool, int, float})
+
+
 def _scrub(value: object, key: str = "") -> object:
     """Mask address-like text and refuse keys that would carry a body or an address."""
+    if value is None or type(value) in _PLAIN:
+        return value  # nothing to mask in a number, a flag or text without '@'
+    if type(value) is str and "@" not in value:
+        return value
     if isinstance(value, Mapping):
         out: dict[str, object] = {}
         for k, v in value.items():
