@@ -10,7 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from relay_fixtures import MARIE, MakeRelayEnv, relay_message, smtp_exchange, wire
+from relay_fixtures import (
+    CAMPAIGN,
+    MARIE,
+    MakeRelayEnv,
+    professional,
+    relay_message,
+    smtp_exchange,
+    wire,
+)
 from smtp_fixtures import SMTPTestServer
 
 from prospect_mailer.campaigns import load_relay_campaign, parse_campaign_ref
@@ -243,14 +251,28 @@ async def test_relay_workers_share_the_port_and_stop_together(tmp_path: Path) ->
         assert first.split(",", 1)[1].startswith(" 2 worker processes"), seen
         return proc, int(first.split(",", 1)[0]), seen
 
+    async with Store.connect(f"sqlite+aiosqlite:///{tmp_path}/db.db") as store:
+        await store.campaigns.upsert(CAMPAIGN)
+        await store.prospects.upsert_many(professional(f"p{i}@radium.example") for i in range(12))
     proc, port, seen = await start()
     assert proc.stdout is not None
     try:
         assert "relay worker 0 listening" in seen
         assert "relay worker 1 listening" in seen
-        for _ in range(6):  # every connection is served by one worker or the other
-            ex = await smtp_exchange(port, [MARIE], None)
-            assert ex.rcpt[MARIE][0] == 550
+        ex = await smtp_exchange(port, [MARIE], None)
+        assert ex.rcpt[MARIE][0] == 550  # not registered
+        # Twelve messages at once, spread over both workers: each delivered once, one chain.
+        sent = await asyncio.gather(
+            *(
+                smtp_exchange(
+                    port,
+                    [f"p{i}@radium.example"],
+                    wire(relay_message(f"p{i}@radium.example", message_id=f"<w{i}@crm.example>")),
+                )
+                for i in range(12)
+            )
+        )
+        assert all(ex.data is not None and ex.data[0] == 250 for ex in sent), sent
         proc.send_signal(signal.SIGTERM)
         rest = (await asyncio.wait_for(proc.stdout.read(), 30)).decode()
         assert await proc.wait() == 0, rest
@@ -260,6 +282,10 @@ async def test_relay_workers_share_the_port_and_stop_together(tmp_path: Path) ->
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 12
+    async with Store.connect(f"sqlite+aiosqlite:///{tmp_path}/db.db") as store:
+        assert (await store.audit.verify()).ok
+        assert len(await store.audit.events(status="sent")) == 12
 
     # A worker that dies on its own takes the relay down loudly (exit 1), not half-staffed.
     proc, port, _ = await start()
