@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
+from prospect_mailer.compliance import FooterContext
 from prospect_mailer.models import Advertiser, Campaign, Prospect
 
 KEY = "test-signing-key-0123456789abcdef"
@@ -49,3 +50,27 @@ def b2b(email_addr: str, **kw: Any) -> Prospect:
     )
     base.update(kw)
     return Prospect(**base)
+
+
+FOOTER_URL = "https://optout.acme.example/unsubscribe/" + "t" * 150
+FOOTER_MAILTO = "mailto:unsubscribe+abcdefghijklmnopqrstuvwxyz234567@optout.acme.example"
+
+
+def footer_context(**changes: Any) -> FooterContext:
+    """The footer context the MIME tests render (a French first contact, both links)."""
+    base: dict[str, Any] = dict(
+        locale="fr",
+        advertiser_legal_name="Dupont & Fils <SARL>",
+        advertiser_postal_address="1 rue de la Paix\n75002 Paris",
+        advertiser_contact="dpo@dupont.example",
+        unsubscribe_url=FOOTER_URL,
+        unsubscribe_mailto=FOOTER_MAILTO,
+        source_name="Annuaire des entreprises",
+        source_type="public",
+        collection_method="annuaire",
+        collected_at=date(2026, 10, 1),
+        first_contact=True,
+        campaign_id="c1",
+    )
+    base.update(changes)
+    return FooterContext(**base)

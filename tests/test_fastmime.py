@@ -5,39 +5,23 @@ from __future__ import annotations
 import email
 import email.policy
 import re
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
 
 import pytest
+from factories import FOOTER_MAILTO, FOOTER_URL, footer_context
 from hypothesis import given
 from hypothesis import strategies as st
 
-from prospect_mailer.compliance import FooterContext, FooterRenderer, apply_compliance
+from prospect_mailer.compliance import FooterRenderer, apply_compliance
 from prospect_mailer.errors import InvalidMessageError
 from prospect_mailer.fastmime import compose_bytes
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
-URL = "https://optout.acme.example/unsubscribe/" + "t" * 150
-MAILTO = "mailto:unsubscribe+abcdefghijklmnopqrstuvwxyz234567@optout.acme.example"
+URL, MAILTO = FOOTER_URL, FOOTER_MAILTO
 RENDERER = FooterRenderer()
-FOOTERS = RENDERER.render(
-    FooterContext(
-        locale="fr",
-        advertiser_legal_name="Dupont & Fils <SARL>",
-        advertiser_postal_address="1 rue de la Paix\n75002 Paris",
-        advertiser_contact="dpo@dupont.example",
-        unsubscribe_url=URL,
-        unsubscribe_mailto=MAILTO,
-        source_name="Annuaire des entreprises",
-        source_type="public",
-        collection_method="annuaire",
-        collected_at=date(2026, 10, 1),
-        first_contact=True,
-        campaign_id="c1",
-        recipient_name="Zoé",
-    )
-)
+FOOTERS = RENDERER.render(footer_context(recipient_name="Zoé"))
 
 
 def parse(data: bytes) -> EmailMessage:

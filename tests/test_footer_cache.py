@@ -8,29 +8,16 @@ each time.
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import date
 from pathlib import Path
 
 import pytest
+from factories import footer_context
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prospect_mailer.compliance import FooterContext, FooterRenderer
 
-BASE = FooterContext(
-    locale="fr",
-    advertiser_legal_name="Dupont & Fils",
-    advertiser_postal_address="12 rue de la Paix\n75002 Paris",
-    advertiser_contact="dpo@dupont.example",
-    unsubscribe_url="https://unsub.example.com/u/tok-1",
-    unsubscribe_mailto="mailto:unsubscribe+tok-1@example.com",
-    source_name="Salon Pro Events",
-    source_type="partner",
-    collection_method="formulaire",
-    collected_at=date(2024, 3, 12),
-    first_contact=True,
-    campaign_id="spring",
-)
+BASE = footer_context(source_name="Salon Pro Events", source_type="partner")
 
 
 def fresh(renderer: FooterRenderer, ctx: FooterContext) -> tuple[str, str]:

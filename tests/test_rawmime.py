@@ -8,7 +8,7 @@ import email.policy
 import os
 import re
 import time
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from email.headerregistry import HeaderRegistry, UnstructuredHeader
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -16,12 +16,12 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
+from factories import FOOTER_MAILTO, FOOTER_URL, footer_context
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from prospect_mailer import rawmime
 from prospect_mailer.compliance import (
-    FooterContext,
     FooterRenderer,
     RenderedFooters,
     apply_compliance,
@@ -34,24 +34,8 @@ from prospect_mailer.rawmime import RawHeaders, apply_compliance_bytes, scan_hea
 from prospect_mailer.transport import wire_bytes
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
-URL = "https://optout.acme.example/unsubscribe/" + "t" * 150
-MAILTO = "mailto:unsubscribe+abcdefghijklmnopqrstuvwxyz234567@optout.acme.example"
-FOOTERS = FooterRenderer().render(
-    FooterContext(
-        locale="fr",
-        advertiser_legal_name="Dupont & Fils <SARL>",
-        advertiser_postal_address="1 rue de la Paix\n75002 Paris",
-        advertiser_contact="dpo@dupont.example",
-        unsubscribe_url=URL,
-        unsubscribe_mailto=MAILTO,
-        source_name="Annuaire des entreprises",
-        source_type="public",
-        collection_method="annuaire",
-        collected_at=date(2026, 10, 1),
-        first_contact=True,
-        campaign_id="c1",
-    )
-)
+URL, MAILTO = FOOTER_URL, FOOTER_MAILTO
+FOOTERS = FooterRenderer().render(footer_context())
 # Characters latin-1 cannot hold (text: re-encoded as UTF-8; HTML: character references), a
 # lone CR, and a line longer than 998 octets.
 ODD_FOOTERS = RenderedFooters(
