@@ -6,9 +6,11 @@
 Baseline: what a script without us does with the standard library, ``policy.default`` parse,
 ``get_content``/``set_content`` of each text part with the footer appended, the two
 List-Unsubscribe headers, and serialisation (``stdlib``). Ours: ``apply_compliance(bytes)``
-plus the transport's serialisation (``full``); the relay's path for one recipient (``relay``:
-``parse_message(bytes)``, ``parse_message(message)`` in ``send``, ``apply_compliance(message)``,
-serialisation); and the steps on their own (``parse_message``, ``check_headers_safe``,
+plus the transport's serialisation (``full``); the relay's path, on the bytes (``bytes``:
+:func:`prospect_mailer.rawmime.apply_compliance_bytes`, what the relay runs for plain header
+blocks) and its email-package fallback for one recipient (``relay``: ``parse_message(bytes)``,
+``parse_message(message)`` in ``send``, ``apply_compliance(message)``, serialisation); and the
+steps on their own (``parse_message``, ``check_headers_safe``,
 ``apply_compliance``). ``--against REF`` also runs ours from a git ref (e.g. ``HEAD``) and shows
 each of ours as a ratio to it.
 
@@ -45,11 +47,12 @@ from .common import ROOT, Result, body_texts, emit, measure_end, measure_start, 
 URL = "https://optout.acme.example/unsubscribe/" + "t" * 150
 MAILTO = "mailto:unsubscribe+abcdefghijklmnopqrstuvwxyz234567@optout.acme.example"
 DISTINCT = 200  # messages built per run; calls cycle through them
-KINDS = ("stdlib", "full", "relay", "parse", "check", "apply")
+KINDS = ("stdlib", "bytes", "full", "relay", "parse", "check", "apply")
 LABELS = {
     "stdlib": "stdlib default parse+footer+serialise",
+    "bytes": "relay: apply_compliance_bytes (rawmime)",
     "full": "apply_compliance(bytes)+serialise",
-    "relay": "relay path (2 parses, apply, serialise)",
+    "relay": "relay fallback (2 parses, apply, serialise)",
     "parse": "parse_message(bytes)",
     "check": "check_headers_safe",
     "apply": "apply_compliance(bytes)",
@@ -60,7 +63,7 @@ def _encode(data: bytes, cte: str) -> bytes:
     if cte == "base64":
         return base64.encodebytes(data).replace(b"\n", b"\r\n")
     if cte == "quoted-printable":
-        return quopri.encodestring(data.replace(b"\n", b"\r\n")).replace(b"\n", b"\r\n")
+        return quopri.encodestring(data).replace(b"\n", b"\r\n")  # hard breaks: CRLF
     return data.replace(b"\n", b"\r\n")
 
 
@@ -164,8 +167,24 @@ def one(kind: str, size: str, shape: str, calls: int, tag: str) -> Result:
         return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
 
     messages = [build_message(i, size, shape) for i in range(DISTINCT)]
+
+    def raw(data: bytes) -> object:
+        from prospect_mailer.rawmime import apply_compliance_bytes
+
+        done = apply_compliance_bytes(
+            data,
+            footers,
+            list_unsubscribe_url=URL,
+            list_unsubscribe_mailto=MAILTO,
+            message_id_domain="acme.example",
+            now=now,
+        )
+        assert done is not None, "the byte level declined a benchmark message"
+        return done
+
     work: dict[str, Callable[[int], object]] = {
         "stdlib": lambda i: stdlib_inject(messages[i], footers.text, footers.html),
+        "bytes": lambda i: raw(messages[i]),
         "full": lambda i: wire(apply(messages[i])),
         "relay": lambda i: wire(apply(parse_message(parse_message(messages[i])))),
         "parse": lambda i: parse_message(messages[i]),
@@ -184,7 +203,7 @@ def one(kind: str, size: str, shape: str, calls: int, tag: str) -> Result:
     result = measure_end(name, calls, start)
     if kind != "stdlib" and not tag:
         result.baseline = (
-            f"{LABELS['stdlib']} {size} {shape}" if kind in ("full", "relay") else None
+            f"{LABELS['stdlib']} {size} {shape}" if kind in ("bytes", "full", "relay") else None
         )
     return result
 

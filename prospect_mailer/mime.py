@@ -66,6 +66,7 @@ __all__ = [
     "CommaFoldedHeader",
     "add_footer",
     "append_text_footer",
+    "check_header_safe",
     "check_headers_safe",
     "footable_parts",
     "insert_html_footer",
@@ -222,30 +223,37 @@ def check_headers_safe(msg: Message) -> None:
     """
     for part in msg.walk():
         for name, stored in part.raw_items():
-            raw = stored if isinstance(stored, str) else str(stored)
-            if _RAW_UNSAFE.search(raw):
-                raise InvalidMessageError(f"header {name!r} contains a raw line break or NUL")
-            encoded_word = "=?" in raw
-            rfc2231 = "*" in raw
-            if not (encoded_word or rfc2231 or name.lower() in _REGISTRY_READ):
-                continue
-            try:
-                decoded = str(_structured(name, "".join(raw.splitlines())))
-            except Exception as exc:
-                # The stdlib parser raises assorted types on hostile input (3.11.7 raises
-                # ValueError for an address whose decoded display name holds CR/LF): refuse.
-                raise InvalidMessageError(
-                    f"header {name!r} cannot be decoded safely: {exc}"
-                ) from exc
-            if (
-                any(c in decoded for c in _BAD_CHARS)
-                or (encoded_word and _encoded_word_unsafe(raw))
-                or (rfc2231 and _rfc2231_unsafe(name, raw))
-            ):
-                raise InvalidMessageError(
-                    f"header {name!r} decodes to a CR, LF or NUL (header injection, "
-                    "CVE-2024-6923); refusing the message"
-                )
+            check_header_safe(name, stored if isinstance(stored, str) else str(stored))
+
+
+def check_header_safe(name: str, raw: str) -> None:
+    """:func:`check_headers_safe` for one header, ``raw`` being its value as parsed from source
+    (folding kept, the line end of its last line removed).
+
+    Raises:
+        InvalidMessageError: naming the header.
+    """
+    if _RAW_UNSAFE.search(raw):
+        raise InvalidMessageError(f"header {name!r} contains a raw line break or NUL")
+    encoded_word = "=?" in raw
+    rfc2231 = "*" in raw
+    if not (encoded_word or rfc2231 or name.lower() in _REGISTRY_READ):
+        return
+    try:
+        decoded = str(_structured(name, "".join(raw.splitlines())))
+    except Exception as exc:
+        # The stdlib parser raises assorted types on hostile input (3.11.7 raises
+        # ValueError for an address whose decoded display name holds CR/LF): refuse.
+        raise InvalidMessageError(f"header {name!r} cannot be decoded safely: {exc}") from exc
+    if (
+        any(c in decoded for c in _BAD_CHARS)
+        or (encoded_word and _encoded_word_unsafe(raw))
+        or (rfc2231 and _rfc2231_unsafe(name, raw))
+    ):
+        raise InvalidMessageError(
+            f"header {name!r} decodes to a CR, LF or NUL (header injection, "
+            "CVE-2024-6923); refusing the message"
+        )
 
 
 def _encoded_word_unsafe(raw: str) -> bool:

@@ -31,7 +31,8 @@ Handled (byte for byte the output of the general path):
 
 Left to the general path (``None``), among others: a bare CR or LF anywhere; non-ASCII bytes,
 NUL, VT, FF, FS, GS or RS in any header block; a line in a header block that is neither
-``Name: value`` nor folding; RFC 2047 encoded-words (``=?``) in any header; ``*`` in a
+``Name: value`` nor folding; RFC 2047 encoded-words (``=?``) in a structured header (those in
+``Subject`` and other unstructured headers pass the email-package path's own check); ``*`` in a
 structured header or an RFC 2231 parameter (``name*=``) anywhere; a ``Content-Type`` or
 ``Content-Disposition`` with comments, backslashes or parameters without a value; a transfer
 encoding that is not one plain token; duplicated ``Content-Type``, ``Content-Transfer-Encoding``
@@ -66,7 +67,13 @@ from typing import Any, Final
 
 from .compliance import _DOMAIN, LIST_UNSUBSCRIBE_POST, RenderedFooters, build_list_unsubscribe
 from .errors import InvalidMessageError
-from .mime import OUTPUT_POLICY, CommaFoldedHeader, append_text_footer, insert_html_footer
+from .mime import (
+    OUTPUT_POLICY,
+    CommaFoldedHeader,
+    append_text_footer,
+    check_header_safe,
+    insert_html_footer,
+)
 
 __all__ = ["RawHeaders", "apply_compliance_bytes", "scan_headers"]
 
@@ -188,9 +195,10 @@ def scan_headers(data: bytes) -> RawHeaders | None:
 
     Not plain: no ``CRLF CRLF`` separator, an empty block, a bare CR or LF, non-ASCII bytes,
     NUL, VT, FF, FS, GS or RS, a line that is neither ``Name: value`` nor folding (a leading
-    ``From`` line too), an encoded-word (``=?``), ``*`` in a structured header or an RFC 2231
-    parameter, an unusual ``Content-Type``/``Content-Disposition``/``Content-Transfer-Encoding``
-    or a duplicated one, a duplicated or unusual ``Message-ID``: the header rules of
+    ``From`` line too), an encoded-word (``=?``) in a structured header or one the email
+    package would refuse, ``*`` in a structured header or an RFC 2231 parameter, an unusual
+    ``Content-Type``/``Content-Disposition``/``Content-Transfer-Encoding`` or a duplicated one,
+    a duplicated or unusual ``Message-ID``: the header rules of
     :func:`apply_compliance_bytes`, so that a message this accepts usually composes on the
     byte level. Never raises.
     """
@@ -304,11 +312,7 @@ def _parse_block(block: bytes) -> list[_Field]:
     Raises:
         _Fallback: the block is not plain.
     """
-    if (
-        not block.isascii()
-        or b"=?" in block
-        or len(block.translate(None, _UNSAFE_HEADER_BYTES)) != len(block)
-    ):
+    if not block.isascii() or len(block.translate(None, _UNSAFE_HEADER_BYTES)) != len(block):
         raise _Fallback("header block is not plain")
     found = _LINE.findall(block)
     if sum([len(line) for line, _, _ in found]) != len(block):
@@ -317,6 +321,21 @@ def _parse_block(block: bytes) -> list[_Field]:
         (name.lower(), line if space == b" " else name + b": " + line[len(name) + 1 + len(space) :])
         for line, name, space in found
     ]
+    if b"=?" in block:
+        # Encoded-words (a French Subject: "=?utf-8?q?Capteurs_connect=C3=A9s?="): written
+        # back as they came, so only the safety check of the email-package path is needed,
+        # and it is run here on the same value. In a header this module reads or writes, or
+        # one the registry parses with a structured parser, they are left to that path.
+        for lname, line in fields:
+            if b"=?" not in line:
+                continue
+            if lname in _STRUCTURED or lname.startswith(b"list-unsubscribe"):
+                raise _Fallback("encoded-word in a structured header")
+            value = line[len(lname) + 2 :].rstrip(b"\r\n").decode("ascii")
+            try:
+                check_header_safe(line[: len(lname)].decode("ascii"), value)
+            except InvalidMessageError:
+                raise _Fallback("an encoded-word the email-package path refuses") from None
     if b"*" in block:
         for lname, line in fields:
             value = line[len(lname) + 2 :]

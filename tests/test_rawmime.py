@@ -740,3 +740,41 @@ def test_structured_header_names_match_the_registry() -> None:
     registry = cast(Any, HeaderRegistry()).registry
     structured = {n for n, c in registry.items() if not issubclass(c, UnstructuredHeader)}
     assert {n.decode() for n in rawmime._STRUCTURED} == structured
+
+
+BODY = "Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\nBonjour\n"
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "=?utf-8?q?Capteurs_connect=C3=A9s?=",
+        "=?UTF-8?B?Q2FwdGV1cnMgY29ubmVjdMOpcw==?=",
+        "Offre =?iso-8859-1?q?sp=E9ciale?= pour\n =?utf-8?q?vous_=E2=82=AC?=",  # folded
+        "=?unknown-8bit?q?caf=E9?=",
+    ],
+)
+def test_encoded_words_in_the_subject_are_composed_on_the_byte_level(subject: str) -> None:
+    """A French subject is nearly always RFC 2047-encoded: that must not cost the fast path."""
+    data = crlf(SIMPLE.replace("Subject: x", f"Subject: {subject}") + BODY)
+    out = check(data)
+    assert f"Subject: {subject}".replace("\n", "\r\n").encode() in out  # written as it came
+
+
+@pytest.mark.parametrize(
+    ("header", "refused"),
+    [
+        ("Subject: =?utf-8?q?a=0D=0ABcc:_victim@x.example?=", True),  # CVE-2024-6923
+        ("Subject: =?utf-8?b?YQ1i?=", True),  # base64 of "a\rb"
+        ("X-Prospect-Note: =?utf-8?q?a=0Ab?=", True),  # dropped later, checked all the same
+        ("To: =?utf-8?q?Bob_Martin?= <bob@x.example>", False),  # structured: general path
+    ],
+)
+def test_encoded_words_the_byte_level_leaves_alone(header: str, refused: bool) -> None:
+    data = crlf(SIMPLE + header + "\n" + BODY)
+    assert fast(data) is None
+    if refused:
+        with pytest.raises(InvalidMessageError):
+            reference(data)
+    else:
+        reference(data)
