@@ -19,7 +19,7 @@ import functools
 import hashlib
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import parseaddr
 
 import idna
@@ -85,16 +85,18 @@ class NormalisedAddress:
     original: str
     local: str
     domain: str
+    #: Lower-case hex SHA-256 of the UTF-8 key (the suppression exchange format); computed
+    #: once, as every store query of a send reads it.
+    key_hash: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        digest = hashlib.sha256(self.key.encode("utf-8")).hexdigest()
+        object.__setattr__(self, "key_hash", digest)
 
     @property
     def key(self) -> str:
         """The canonical key ``local@domain`` (A-label)."""
         return f"{self.local}@{self.domain}"
-
-    @property
-    def key_hash(self) -> str:
-        """Lower-case hex SHA-256 of the UTF-8 key (the suppression exchange format)."""
-        return hashlib.sha256(self.key.encode("utf-8")).hexdigest()
 
     @property
     def domain_hash(self) -> str:
@@ -207,12 +209,16 @@ def domain_keys_for(domain: str, *, include_parents: bool = True) -> list[str]:
     ``sales.example.com`` and ``example.com`` (never the bare TLD), so an objection filed for
     a company's domain also covers its subdomains.
     """
-    d = normalise_domain(domain)
+    return list(_domain_keys(normalise_domain(domain), include_parents))
+
+
+@functools.lru_cache(maxsize=4096)
+def _domain_keys(d: str, include_parents: bool) -> tuple[str, ...]:
     labels = d.split(".")
     names = [d]
     if include_parents:
         names += [".".join(labels[i:]) for i in range(1, len(labels) - 1)]
-    return [hashlib.sha256(("@" + n).encode("ascii")).hexdigest() for n in names]
+    return tuple(hashlib.sha256(("@" + n).encode("ascii")).hexdigest() for n in names)
 
 
 def mask_address(address: NormalisedAddress | str) -> str:

@@ -109,7 +109,8 @@ def _scrub(value: object, key: str = "") -> object:
                     f"audit details may not contain {name!r}: the log holds identifiers, "
                     "never a body, an address or a secret"
                 )
-            out[name] = _scrub(v, name)
+            plain = v is None or type(v) in _PLAIN or (type(v) is str and "@" not in v)
+            out[name] = v if plain else _scrub(v, name)  # the common case without a call
         return out
     if isinstance(value, (list, tuple)):
         return [_scrub(v, key) for v in value]
