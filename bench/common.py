@@ -148,20 +148,21 @@ def emit(result: Result) -> None:
 
 def print_table(title: str, results: list[Result], json_path: Path | None = None) -> None:
     by_name = {r.name: r for r in results}
+    width = max([44, *(len(r.name) for r in results)])
     print(f"\n{title}")
     header = (
-        f"{'configuration':44} {'msgs':>7} {'msgs/s':>9} {'CPU µs/msg':>11} "
-        f"{'peak RSS MB':>12} {'ratio':>14}"
+        f"{'configuration':{width}} {'msgs':>7} {'msgs/s':>9} {'CPU µs/msg':>11} "
+        f"{'peak RSS MB':>12} {'ratio':>7}  baseline"
     )
     print(header)
     print("-" * len(header))
     for r in results:
-        ratio = ""
+        ratio, against = "", ""
         if r.baseline and r.baseline in by_name and by_name[r.baseline].rate:
-            ratio = f"{r.rate / by_name[r.baseline].rate:.2f}x {r.baseline[:8]}"
+            ratio, against = f"{r.rate / by_name[r.baseline].rate:.2f}x", r.baseline
         print(
-            f"{r.name:44} {r.messages:7d} {r.rate:9.0f} {r.cpu_us_per_msg:11.0f} "
-            f"{r.peak_rss_mb:12.1f} {ratio:>14}"
+            f"{r.name:{width}} {r.messages:7d} {r.rate:9.0f} {r.cpu_us_per_msg:11.0f} "
+            f"{r.peak_rss_mb:12.1f} {ratio:>7}  {against}"
         )
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,4 +171,4 @@ def print_table(title: str, results: list[Result], json_path: Path | None = None
         ]
         json_path.write_text(json.dumps({"title": title, "results": rows}, indent=2), "utf-8")
         shown = json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path
-    print(f"(written to {shown})")
+        print(f"(written to {shown})")

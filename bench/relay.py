@@ -56,7 +56,7 @@ def message_file(directory: Path, size: str) -> Path:
     body = (
         "From: ACME Ventes <ventes@acme.example>\r\n"
         "To: prospect@x.example\r\n"
-        "Subject: Capteurs\r\n"
+        "Subject: =?utf-8?q?Capteurs_connect=C3=A9s?=\r\n"  # as CRMs write a French one
         "Message-ID: <bench-1@acme.example>\r\n"
         "MIME-Version: 1.0\r\n" + content
     )
