@@ -3,7 +3,8 @@
     python -m bench.relay [--messages 2000] [--sessions 10] [--sizes 2k,100k,5m]
 
 Both servers run in their own process; ``smtp-source`` and ``smtp-sink`` (Postfix's C tools,
-Debian package ``postfix``; the daemon is never started) drive and absorb the load. Each
+Debian package ``postfix``; the daemon is never started) drive and absorb the load, and also
+run straight into each other (the C ceiling on loopback; no server, so no CPU column). Each
 configuration is run with reused client sessions (``smtp-source -d``) and with a new session
 per message. Target (issue 6): the relay >= 0.6x the bare proxy.
 """
@@ -94,9 +95,33 @@ def proc_peak_rss_mb(pid: int) -> float:
     return total
 
 
+def drive(port: int, msg: Path, n: int, sessions: int, reuse: bool) -> tuple[float, list[str]]:
+    """``smtp-source`` sends ``n`` copies of ``msg`` to ``port``: (seconds, error lines)."""
+    source = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+    args = [source, "-s", str(sessions), "-m", str(n), "-N", "-t", "to@x.example",
+            "-f", "ventes@acme.example", "-F", str(msg), "-M", "bench.example"]  # fmt: skip
+    if reuse:
+        args.append("-d")
+    t0 = time.perf_counter()
+    out = subprocess.run([*args, f"127.0.0.1:{port}"], capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    return wall, [line for line in out.stderr.splitlines() if line.strip()]
+
+
+def ceiling(sink_port: int, msg: Path, n: int, sessions: int, reuse: bool) -> Result:
+    """``smtp-source -> smtp-sink`` with nothing between: the C ceiling on loopback."""
+    wall, errors = drive(sink_port, msg, n, sessions, reuse)
+    name = f"C ceiling: smtp-source -> sink {msg.stem[8:]} " + (
+        "reused sessions" if reuse else "new sessions"
+    )
+    return Result(name, n, wall, 0.0, 0.0, extra={"client_errors": errors[:5], "no_server": True})
+
+
 def run(
     kind: str, sink_port: int, msg: Path, n: int, sessions: int, reuse: bool, workers: int = 1
 ) -> Result:
+    if kind == "direct":
+        return ceiling(sink_port, msg, n, sessions, reuse)
     port = free_port()
     with tempfile.TemporaryDirectory(dir=ROOT / "bench" / ".cache") as tmp:
         if kind == "bare":
@@ -111,20 +136,10 @@ def run(
                 assert server.stdout is not None
                 server.stdout.readline()  # "ready" once the prospects are registered
             wait_port(port, 60)
-            source = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
-            args = [source, "-s", str(sessions), "-m", str(n), "-N", "-t", "to@x.example",
-                    "-f", "ventes@acme.example", "-F", str(msg), "-M", "bench.example"]  # fmt: skip
-            if reuse:
-                args.append("-d")
             cpu0 = proc_cpu(server.pid)
-            t0 = time.perf_counter()
-            out = subprocess.run(
-                [*args, f"127.0.0.1:{port}"], capture_output=True, text=True, check=False
-            )
-            wall = time.perf_counter() - t0
+            wall, errors = drive(port, msg, n, sessions, reuse)
             cpu = proc_cpu(server.pid) - cpu0
             rss = proc_peak_rss_mb(server.pid)
-            errors = [line for line in out.stderr.splitlines() if line.strip()]
         finally:
             server.terminate()
             server.wait(30)
@@ -165,6 +180,7 @@ def main() -> None:
                 size, max(20, a.messages // 50)
             )
             for reuse in (True, False):
+                results.append(run("direct", sink_port, msg, n, a.sessions, reuse))
                 base = run("bare", sink_port, msg, n, a.sessions, reuse)
                 results.append(base)
                 for workers in sorted({1, a.workers}):
