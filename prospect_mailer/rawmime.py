@@ -332,16 +332,25 @@ def _parse_block(block: bytes) -> list[_Field]:
             if lname in _STRUCTURED or lname.startswith(b"list-unsubscribe"):
                 raise _Fallback("encoded-word in a structured header")
             value = line[len(lname) + 2 :].rstrip(b"\r\n").decode("ascii")
-            try:
-                check_header_safe(line[: len(lname)].decode("ascii"), value)
-            except InvalidMessageError:
-                raise _Fallback("an encoded-word the email-package path refuses") from None
+            if not _header_safe(line[: len(lname)].decode("ascii"), value):
+                raise _Fallback("an encoded-word the email-package path refuses")
     if b"*" in block:
         for lname, line in fields:
             value = line[len(lname) + 2 :]
             if b"*" in value and (lname in _STRUCTURED or _RFC2231_PARAM.search(value)):
                 raise _Fallback("'*' in a structured header or an RFC 2231 parameter")
     return fields
+
+
+@functools.lru_cache(maxsize=256)
+def _header_safe(name: str, value: str) -> bool:
+    """Whether :func:`~prospect_mailer.mime.check_header_safe` accepts the header, memoised:
+    a campaign's messages share their Subject."""
+    try:
+        check_header_safe(name, value)
+    except InvalidMessageError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=256)
