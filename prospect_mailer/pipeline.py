@@ -1,9 +1,12 @@
 """The send pipeline (DESIGN.md "The pipeline"), chunk by chunk.
 
-For each chunk of recipients: one suppression query and one prior-contact query, the pure
-policy for each, one transaction claiming every allowed send and one appending every decision
-(blocks, duplicates, ``pending``) to the audit log; then the sends, with bounded concurrency,
-whose results are group-committed (claim and audit) before each outcome is reported.
+For each chunk of recipients: one suppression query, one prior-contact query and one claim
+status query, the pure policy for each, the messages of the allowed sends composed, then one
+transaction claiming them and appending every record of the chunk (blocks, duplicates,
+``pending``, composition failures) to the audit log (on PostgreSQL: claims, then records);
+then the sends, with bounded concurrency, whose results are group-committed (claim and audit)
+before each outcome is reported. Concurrent chunks (the relay's sessions, several
+``send_many``) share those transactions.
 
 Fail closed: if the store cannot be read, nothing is sent (``failed``); if the transport fails,
 the outcome is ``deferred`` (temporary) or ``failed`` (permanent), never ``sent``.
@@ -12,9 +15,11 @@ the outcome is ``deferred`` (temporary) or ``failed`` (permanent), never ``sent`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from email.message import EmailMessage
 from typing import Literal
@@ -45,7 +50,6 @@ from .sendplan import (
 )
 from .store import (
     AuditEvent,
-    AuditRecord,
     ClaimRequest,
     ClaimResult,
     Store,
@@ -83,8 +87,7 @@ class Pipeline:
         self.concurrency = concurrency
         # Shared by every send of this pipeline, so concurrent sends (the relay's sessions,
         # several send_many calls) share transactions too.
-        self._claims: GroupCommit[ClaimRequest, ClaimResult] = GroupCommit(store.claims.claim_many)
-        self._events: GroupCommit[AuditEvent, AuditRecord] = GroupCommit(store.audit.append)
+        self._claims: GroupCommit[ClaimBatch, list[ClaimResult]] = GroupCommit(self._commit_claims)
         self._finisher = Finisher(store)
 
     async def run(
@@ -116,13 +119,13 @@ class Pipeline:
             hits = await self.store.suppression.lookup(sorted(keys))
             hashes = sorted({a.key_hash for a in addresses})
             prior = await self.store.claims.prior_contacts(campaign.advertiser.id, hashes)
-            claimed: dict[str, str] = {}
-            if options.dry_run:
-                claimed = dict(
-                    await self.store.claims.statuses(
-                        campaign.id, campaign.step, hashes, message_key=options.message_key
-                    )
+            # Dry run: what would be a duplicate. Real send: what need not be composed (the
+            # claim, in the database, still decides).
+            claimed: dict[str, str] = dict(
+                await self.store.claims.statuses(
+                    campaign.id, campaign.step, hashes, message_key=options.message_key
                 )
+            )
         except StoreError as exc:
             # Fail closed: without the suppression list nothing may be sent.
             log.error("store unavailable, %d recipients not sent: %s", len(chunk), exc)
@@ -182,11 +185,11 @@ class Pipeline:
         limit: asyncio.Semaphore,
         finisher: Finisher,
     ) -> AsyncIterator[Outcome]:
-        """One chunk: facts, decisions, claims and audit in a few transactions, then sends.
+        """One chunk: facts, decisions, messages, claims with their records, then sends.
 
-        Database work is batched per chunk (two reads, one claim transaction, one audit
-        transaction); only the sends run one by one, with bounded concurrency, and their
-        results are group-committed by the finisher.
+        Database work is batched per chunk (three reads, one transaction for the claims and
+        records); only the sends run one by one, with bounded concurrency, and their results
+        are group-committed by the finisher.
         """
         items = await self.gather_facts(chunk, campaign, options)
         if options.dry_run:
@@ -228,19 +231,10 @@ class Pipeline:
                         detail=policy.explain(decision),
                     )
                 )
-        await self.claim_and_compose(allowed, campaign, options, now, events)
-        try:
-            # Durable before any transport is called: blocks, duplicates and `pending`.
-            if events:
-                await self._events.submit(events)
-        except StoreError as exc:
-            log.error("audit unavailable, %d recipients not sent: %s", len(allowed), exc)
-            failed = [p for p in allowed if p.message is not None]
-            await self.release(failed, campaign, options)
-            for p in failed:
-                p.final = failed_outcome(p, f"store failed, not sent: {exc}")
-            for p in allowed:
-                p.message = None
+        await self.compose(allowed, campaign, options, now, events)
+        # Durable before any transport is called: claims and every record of the chunk
+        # (blocks, duplicates, `pending`, composition failures).
+        await self.claim_and_record(allowed, campaign, options, events)
         tasks: list[asyncio.Future[Outcome] | None] = []
         for slot in slots:
             if isinstance(slot, Plan) and slot.final is None and slot.message is not None:
@@ -265,7 +259,7 @@ class Pipeline:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
-    async def claim_and_compose(
+    async def compose(
         self,
         allowed: list[Plan],
         campaign: Campaign,
@@ -273,47 +267,15 @@ class Pipeline:
         now: datetime,
         events: list[AuditEvent],
     ) -> None:
-        """Claim every allowed send in one transaction, then compose the claimed ones."""
-        if not allowed:
-            return
-        requests = [
-            ClaimRequest(
-                campaign_id=campaign.id,
-                step=campaign.step,
-                recipient_hash=p.item.address.key_hash,
-                advertiser_id=campaign.advertiser.id,
-                send_id=p.send_id,
-                message_key=options.message_key,
-            )
-            for p in allowed
-        ]
-        try:
-            claims = (
-                await self.store.claims.claim_many(requests, force=True)
-                if options.force
-                else await self._claims.submit(requests)
-            )
-        except StoreError as exc:
-            log.error("claims unavailable, %d recipients not sent: %s", len(allowed), exc)
-            for p in allowed:
-                p.final = failed_outcome(p, f"store failed, not sent: {exc}")
-                events.append(p.event("failed", extra={"error": str(exc)}))
-            return
-        compose_failed: list[Plan] = []
-        for p, claim in zip(allowed, claims, strict=True):
-            if not claim.claimed:
-                events.append(
-                    p.event("duplicate", extra={"existing_send_id": claim.existing_send_id})
-                )
-                p.final = Outcome(
-                    email=p.item.prospect.email,
-                    status="duplicate",
-                    send_id=claim.existing_send_id,
-                    message_id=claim.existing_message_id,
-                    detail=f"already {claim.existing_status} for campaign {campaign.id} "
-                    f"step {campaign.step}; not sent again",
-                )
-                continue
+        """Build the message of every allowed send (claimed next, with its record).
+
+        A send already ``pending`` or ``sent`` for this key is not composed unless forced: it
+        is a duplicate (the claim confirms it). A message that cannot be built is recorded as
+        ``failed`` and not claimed, so a later run retries it.
+        """
+        for p in allowed:
+            if not options.force and p.item.claim_status in ("pending", "sent"):
+                continue  # claim_and_record reports the duplicate
             args = (p.item.prospect, p.item.address, campaign, p.decision, p.send_id, now)
             message: EmailMessage | bytes
             try:
@@ -331,15 +293,100 @@ class Pipeline:
                 detail = f"message could not be composed: {exc}"
                 events.append(p.event("failed", extra={"error": detail}))
                 p.final = failed_outcome(p, detail)
-                compose_failed.append(p)
                 continue
             p.message = message
             p.message_id = message_id
-            p.base = p.base | {"message_id": p.message_id}
             p.extra = {"token_id": token_id, "footer_template_hash": template_hash}
-            events.append(p.event("pending", extra=p.extra))
-        # A claim whose message could not be built is released for a later retry.
-        await self.release(compose_failed, campaign, options)
+
+    async def claim_and_record(
+        self, allowed: list[Plan], campaign: Campaign, options: Options, events: list[AuditEvent]
+    ) -> None:
+        """Claim every composed send and append the chunk's records: one transaction on SQLite.
+
+        A claim won gets its ``pending`` record, a claim held by another send a ``duplicate``
+        record and outcome. If the store fails, nothing is sent (``failed`` outcomes).
+        """
+        plans = [p for p in allowed if p.final is None]
+        requests = [
+            ClaimRequest(
+                campaign_id=campaign.id,
+                step=campaign.step,
+                recipient_hash=p.item.address.key_hash,
+                advertiser_id=campaign.advertiser.id,
+                send_id=p.send_id,
+                message_key=options.message_key,
+            )
+            for p in plans
+        ]
+        if not requests and not events:
+            return
+        batch = ClaimBatch(requests, _recorder(plans, events))
+        try:
+            if options.force:
+                results, _ = await self.store.claim_and_record(requests, batch.record, force=True)
+            else:
+                (results,) = await self._claims.submit([batch])
+        except StoreError as exc:
+            log.error("store unavailable, %d recipients not sent: %s", len(plans), exc)
+            # Nothing was claimed on SQLite (one transaction); elsewhere the claims may have
+            # been committed before the records failed: release them (a no-op otherwise).
+            await self.release([p for p in plans if p.message is not None], campaign, options)
+            for p in plans:
+                p.final = failed_outcome(p, f"store failed, not sent: {exc}")
+                p.message = None
+            return
+        raced: list[Plan] = []
+        for p, claim in zip(plans, results, strict=True):
+            if claim.claimed and p.message is None:
+                # Read as pending/sent, so not composed, but retryable by the time it was
+                # claimed (another run's send failed meanwhile): give it back, retry later.
+                raced.append(p)
+                p.final = Outcome(
+                    email=p.item.prospect.email,
+                    status="deferred",
+                    send_id=p.send_id,
+                    detail="its earlier send failed while this one was being prepared; "
+                    "run again to retry it",
+                )
+                continue
+            if claim.claimed:
+                p.base = p.base | {"message_id": p.message_id}
+                continue
+            p.message = None
+            p.final = Outcome(
+                email=p.item.prospect.email,
+                status="duplicate",
+                send_id=claim.existing_send_id,
+                message_id=claim.existing_message_id,
+                detail=f"already {claim.existing_status} for campaign {campaign.id} "
+                f"step {campaign.step}; not sent again",
+            )
+        if raced:
+            await self.release(raced, campaign, options)
+            try:
+                await self.store.audit.append([p.event("deferred") for p in raced])
+            except StoreError as exc:
+                log.error("%d deferred records lost: %s", len(raced), exc)
+
+    async def _commit_claims(self, batches: list[ClaimBatch]) -> list[list[ClaimResult]]:
+        """The group commit of :meth:`claim_and_record`: many chunks, one transaction."""
+        requests = [r for b in batches for r in b.requests]
+
+        def record(results: list[ClaimResult]) -> list[AuditEvent]:
+            out: list[AuditEvent] = []
+            at = 0
+            for b in batches:
+                out += b.record(results[at : at + len(b.requests)])
+                at += len(b.requests)
+            return out
+
+        results, _ = await self.store.claim_and_record(requests, record)
+        split: list[list[ClaimResult]] = []
+        at = 0
+        for b in batches:
+            split.append(results[at : at + len(b.requests)])
+            at += len(b.requests)
+        return split
 
     async def release(self, plans: Sequence[Plan], campaign: Campaign, options: Options) -> None:
         """Mark claims ``failed`` (retryable); a store failure here is only logged."""
@@ -433,3 +480,29 @@ class Pipeline:
             await self.store.audit.append(events)
         except StoreError:
             return  # the store is down: the log line is all that can be written
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimBatch:
+    """One chunk's claims and the records that follow from their results."""
+
+    requests: list[ClaimRequest]
+    record: Callable[[list[ClaimResult]], list[AuditEvent]]
+
+
+def _recorder(
+    plans: list[Plan], events: list[AuditEvent]
+) -> Callable[[list[ClaimResult]], list[AuditEvent]]:
+    """The records of a chunk given its claim results (pure: may run in the writer thread)."""
+
+    def record(results: list[ClaimResult]) -> list[AuditEvent]:
+        out = list(events)
+        for p, claim in zip(plans, results, strict=True):
+            if claim.claimed:
+                pending = p.event("pending", extra=p.extra)
+                out.append(dataclasses.replace(pending, message_id=p.message_id))
+            else:
+                out.append(p.event("duplicate", extra={"existing_send_id": claim.existing_send_id}))
+        return out
+
+    return record

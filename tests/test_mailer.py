@@ -507,3 +507,24 @@ async def test_given_message_from_names_the_sender(
     await mailer.close()
     assert outcome.status == "sent"
     assert str(transport.sent[0].message["From"]) == expected
+
+
+async def test_audit_failure_before_sending_leaves_no_claim_and_sends_nothing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "pm.db"
+    transport = MemoryTransport()
+    async with Store.connect(f"sqlite+aiosqlite:///{path}") as store:
+        mailer = make_mailer(store, transport)
+        con = sqlite3.connect(path)
+        con.execute("DELETE FROM audit_head")  # the `pending` record cannot be written
+        con.commit()
+        con.close()
+        outcome = await mailer.send(b2b("a@x.example"), CAMPAIGN)
+        await mailer.close()
+        assert outcome.status == "failed"
+        assert "store failed, not sent" in outcome.detail
+        assert transport.sent == []
+        # The claim went with its record: a later run is not blocked as a duplicate.
+        key = b2b("a@x.example").address.key_hash
+        assert await store.claims.statuses(CAMPAIGN.id, CAMPAIGN.step, [key]) == {}

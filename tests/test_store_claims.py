@@ -149,3 +149,28 @@ async def test_concurrent_forced_claims_never_share_a_takeover(open_store: OpenS
     assert winners
     assert len(set(replaced)) == len(replaced)
     assert "s0" in replaced
+
+
+async def test_claim_and_record_writes_claims_and_their_records(store: Store) -> None:
+    from prospect_mailer.store import AuditEvent, ClaimRequest
+
+    def request(sid: str) -> ClaimRequest:
+        return ClaimRequest(**KEY, advertiser_id="acme", send_id=sid)
+
+    def record(results: list[ClaimResult]) -> list[AuditEvent]:
+        return [
+            AuditEvent(
+                kind="send",
+                status="pending" if r.claimed else "duplicate",
+                send_id=sid,
+                campaign_id="spring",
+                recipient_hash=R1,
+            )
+            for sid, r in zip(("s1", "s2"), results, strict=True)
+        ]
+
+    results, records = await store.claim_and_record([request("s1"), request("s2")], record)
+    assert [r.claimed for r in results] == [True, False]
+    assert [(r.send_id, r.status) for r in records] == [("s1", "pending"), ("s2", "duplicate")]
+    assert await store.claims.statuses("spring", 1, [R1]) == {R1: "pending"}
+    assert (await store.audit.verify()).ok

@@ -138,3 +138,16 @@ async def test_database_errors_become_store_errors(tmp_path: Path) -> None:
             await store.claims.claim_many([request("s1")])
     with pytest.raises(StoreError, match="closed"):
         await store.audit.append([event("s1", "sent")])
+
+
+async def test_a_claim_never_exists_without_its_record(tmp_path: Path) -> None:
+    """SQLite: claim and `pending` record in one transaction; a failed record undoes it."""
+    path = tmp_path / "pm.db"
+    async with Store.connect(sqlite_url(path)) as store:
+        con = sqlite3.connect(path)
+        con.execute("DELETE FROM audit_head")  # appending records will fail
+        con.commit()
+        con.close()
+        with pytest.raises(StoreError, match="chain head is missing"):
+            await store.claim_and_record([request("s1")], lambda rs: [event("s1", "pending")])
+        assert await store.claims.statuses("spring", 1, [R1]) == {}

@@ -40,6 +40,7 @@ __all__ = [
     "ClaimStatus",
     "FinishRequest",
     "SendClaims",
+    "check_claim_requests",
     "check_finish_requests",
 ]
 
@@ -125,6 +126,19 @@ def _check_key(campaign_id: str, step: int, recipient_hash: str) -> None:
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise InvalidInputError(f"step must be a positive integer, not {step!r}")
     check_hash(recipient_hash, what="recipient_hash")
+
+
+def check_claim_requests(requests: Sequence[ClaimRequest]) -> None:
+    """Refuse a malformed key or id (before anything is written).
+
+    Raises:
+        InvalidInputError: naming the first bad request.
+    """
+    for r in requests:
+        _check_key(r.campaign_id, r.step, r.recipient_hash)
+        _check_message_key(r.message_key)
+        _check_id("advertiser_id", r.advertiser_id)
+        _check_id("send_id", r.send_id)
 
 
 def check_finish_requests(requests: Sequence[FinishRequest]) -> None:
@@ -298,11 +312,7 @@ class SendClaims:
             InvalidInputError: a malformed key or id.
             StoreError: the database failed (the caller must not send).
         """
-        for r in requests:
-            _check_key(r.campaign_id, r.step, r.recipient_hash)
-            _check_message_key(r.message_key)
-            _check_id("advertiser_id", r.advertiser_id)
-            _check_id("send_id", r.send_id)
+        check_claim_requests(requests)
         if force:
             return [
                 await self.claim(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from types import TracebackType
@@ -25,7 +25,14 @@ from . import fastwrite
 from .audit import AuditLog
 from .audit_records import AuditEvent, AuditRecord
 from .campaigns import CampaignStore
-from .claims import FinishRequest, SendClaims, check_finish_requests
+from .claims import (
+    ClaimRequest,
+    ClaimResult,
+    FinishRequest,
+    SendClaims,
+    check_claim_requests,
+    check_finish_requests,
+)
 from .engine import Database, create_engine, parse_url
 from .fastread import SQLiteReader
 from .fastwrite import SQLiteWriter
@@ -221,6 +228,41 @@ class Store:
             self.claims.direct = None
         if not self._db.closed:
             await self._db.dispose()
+
+    async def claim_and_record(
+        self,
+        requests: Sequence[ClaimRequest],
+        record: Callable[[list[ClaimResult]], Sequence[AuditEvent]],
+        *,
+        force: bool = False,
+    ) -> tuple[list[ClaimResult], list[AuditRecord]]:
+        """Claim sends and append the audit records that follow from the claims' results.
+
+        ``record(results)`` gets the claim results (in the order of ``requests``) and returns
+        the events to append: ``pending`` for the claims won, ``duplicate`` for the others,
+        and any other events of the batch. On a SQLite file both go in one transaction, so a
+        claim never exists without its record (a crash leaves both or neither); elsewhere the
+        claims are committed first, then the records. ``record`` must not block or await: on
+        SQLite it runs in the store's writer thread, inside the transaction. ``force``: take
+        over any claim (see :meth:`SendClaims.claim_many`; claims first, then records).
+
+        Raises:
+            InvalidInputError: a malformed request or event (nothing is written).
+            StoreError: the database failed (nothing is written).
+        """
+        if self.claims.direct is not None and not self._db.closed and not force:
+            check_claim_requests(requests)
+            now = datetime.now(UTC)
+
+            def work(con: sqlite3.Connection) -> tuple[list[ClaimResult], list[dict[str, object]]]:
+                results = fastwrite.claim_many(con, requests, now)
+                rows = [e._row() for e in record(results)]
+                return results, (fastwrite.append_audit(con, rows) if rows else [])
+
+            results, full = await self.claims.direct.run("claiming sends", work)
+            return results, [AuditRecord._from_row(r) for r in full]
+        results = await self.claims.claim_many(requests, force=force) if requests else []
+        return results, await self.audit.append(record(results))
 
     async def finish_sends(
         self, requests: Sequence[FinishRequest], events: Sequence[AuditEvent]
