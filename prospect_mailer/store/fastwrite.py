@@ -129,7 +129,11 @@ class SQLiteWriter:
         if self._closed:
             raise StoreError(f"{what} failed: the store is closed")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._transaction, what, work)
+        try:
+            job = loop.run_in_executor(self._pool, self._transaction, what, work)
+        except RuntimeError as exc:  # closed between the check above and now
+            raise StoreError(f"{what} failed: the store is closed") from exc
+        return await job
 
     def close(self) -> None:
         """Close the connection once the running transaction (if any) ends. Idempotent."""
