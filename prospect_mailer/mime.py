@@ -71,6 +71,7 @@ __all__ = [
     "footable_parts",
     "insert_html_footer",
     "parse_message",
+    "set_charset_utf8",
 ]
 
 # The header registry of policy.default (and of every policy cloned from it, policy.SMTP too).
@@ -152,6 +153,9 @@ _REGISTRY_READ = frozenset(
 # Signing and encryption cover the bytes of the protected part: a footer would break them.
 _SEALED = frozenset({"multipart/signed", "multipart/encrypted"})
 _KNOWN_CTE = frozenset({"7bit", "8bit", "binary", "quoted-printable", "base64"})
+# Longest Content-Type parameter name set_charset_utf8 lets the email package fold (real ones:
+# charset, format, delsp, name, boundary, reply-type...; the loop starts at about 60).
+_MAX_PARAM_NAME = 40
 _BODY_END = re.compile(r"</body\s*>", re.IGNORECASE)
 _HTML_END = re.compile(r"</html\s*>", re.IGNORECASE)
 
@@ -413,10 +417,30 @@ def add_footer(part: EmailMessage, footer: str) -> None:
                     f"text part is not valid {charset} and the footer needs UTF-8"
                 ) from None
             codec = "utf-8"
-            part.set_param("charset", "utf-8")
+            set_charset_utf8(part)
             if cte != "base64":
                 cte = "quoted-printable"
     _set_body(part, body.encode(codec, "surrogateescape"), cte)
+
+
+def set_charset_utf8(part: Message) -> None:
+    """``part.set_param("charset", "utf-8")``, refusing what the email package cannot write.
+
+    ``set_param`` rebuilds ``Content-Type``, which the generator then folds; folding a
+    parameter whose name leaves no room on a line loops forever (CPython gh-138223, open in
+    every release up to 3.13): a client's message with such a parameter would hang the relay.
+
+    Raises:
+        InvalidMessageError: a ``Content-Type`` parameter name over 40 characters.
+    """
+    for name, _ in part.get_params(failobj=[]):
+        if len(name) > _MAX_PARAM_NAME:
+            raise InvalidMessageError(
+                f"Content-Type parameter name of {len(name)} characters (at most "
+                f"{_MAX_PARAM_NAME}): the footer needs UTF-8 and the email package cannot "
+                "rewrite such a header (CPython gh-138223)"
+            )
+    part.set_param("charset", "utf-8")
 
 
 def insert_html_footer(body: str, footer: str) -> str:

@@ -73,6 +73,7 @@ from .mime import (
     append_text_footer,
     check_header_safe,
     insert_html_footer,
+    set_charset_utf8,
 )
 
 __all__ = ["RawHeaders", "apply_compliance_bytes", "scan_headers"]
@@ -577,7 +578,10 @@ def _set_utf8(fields: Sequence[_Field], cte: str) -> list[_Field]:
     for _, line in fields:
         name, _, value = line[:-2].partition(b": ")
         holder.set_raw(name.decode("ascii"), value.decode("ascii"))
-    holder.set_param("charset", "utf-8")
+    try:
+        set_charset_utf8(holder)
+    except InvalidMessageError:
+        raise _Fallback("a parameter the email package cannot fold") from None
     if "Content-Transfer-Encoding" in holder:
         if str(holder["Content-Transfer-Encoding"]).strip().lower() != cte:
             holder.replace_header("Content-Transfer-Encoding", cte)

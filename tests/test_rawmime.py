@@ -7,6 +7,7 @@ import binascii
 import email.policy
 import os
 import re
+import signal
 import time
 from datetime import UTC, datetime
 from email.headerregistry import HeaderRegistry, UnstructuredHeader
@@ -778,3 +779,22 @@ def test_encoded_words_the_byte_level_leaves_alone(header: str, refused: bool) -
             reference(data)
     else:
         reference(data)
+
+
+def test_a_long_parameter_name_is_refused_not_looped_on() -> None:
+    """CPython gh-138223: folding such a parameter loops forever; re-encoding the part as UTF-8
+    (the footer needs it: no charset means us-ascii) would have hung the relay."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise TimeoutError("the email package is looping (gh-138223)")
+
+    data = crlf(SIMPLE + "Content-Type: text/plain; " + "x" * 100 + "=1\n\nHi\n")
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(20)
+    try:
+        assert fast(data) is None
+        with pytest.raises(InvalidMessageError, match="gh-138223"):
+            reference(data)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
