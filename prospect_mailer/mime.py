@@ -388,14 +388,22 @@ def add_footer(part: EmailMessage, footer: str) -> None:
         InvalidMessageError: unknown charset or transfer encoding, or a body that is not valid
             in its charset when it has to be re-encoded.
     """
-    cte = str(part.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+    given = part.get("Content-Transfer-Encoding")
+    cte = str(given or "7bit").strip().lower()
     if cte not in _KNOWN_CTE:
         raise InvalidMessageError(f"unsupported Content-Transfer-Encoding {cte!r} in a text part")
+    if given is not None and str(given).strip() != str(given):
+        # get_payload(decode=True) compares the value unstripped: "base64 " would not be
+        # decoded, and the footer would be added to, and the body sent, still encoded.
+        part.replace_header("Content-Transfer-Encoding", str(given).strip())
     charset = part.get_content_charset("us-ascii")
     try:
-        codec = codecs.lookup(charset).name
+        info = codecs.lookup(charset)
     except LookupError:
         raise InvalidMessageError(f"unknown charset {charset!r} in a text part") from None
+    if not getattr(info, "_is_text_encoding", True):  # base64, rot13, hex... (bytes codecs)
+        raise InvalidMessageError(f"charset {charset!r} of a text part is not a text encoding")
+    codec = info.name
     raw = part.get_payload(decode=True)
     assert isinstance(raw, bytes)  # a non-multipart part always decodes to bytes
     try:

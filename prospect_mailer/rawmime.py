@@ -782,6 +782,11 @@ class _Job:
             data, crlf_only = done
         else:
             body = raw.decode(codec, "surrogateescape")
+            # isascii() is a flag lookup: only a non-ASCII body can hold escaped bytes. Searched
+            # before the footer is appended (a 20 MB body would hold the GIL in one regex
+            # call), the footer on its own after: the same answer as add_footer's search of
+            # the two joined (append_text_footer only adds line breaks between them).
+            escaped = not body.isascii() and _ESCAPED_BYTE.search(body) is not None
             newline = "\r\n" if "\r\n" in body else "\n"
             if html:
                 footer, plain = self.html_footer(codec, newline)
@@ -792,9 +797,7 @@ class _Job:
                 try:
                     footer.encode(codec)
                 except UnicodeEncodeError:
-                    # Checked with the footer in, as add_footer does. isascii() is a flag
-                    # lookup: only a non-ASCII text can hold escaped bytes.
-                    if not body.isascii() and _ESCAPED_BYTE.search(body):
+                    if escaped or _ESCAPED_BYTE.search(footer):
                         raise _Fallback("body not valid in its charset") from None
                     codec, utf8 = "utf-8", True
                     if cte != "base64":

@@ -295,6 +295,8 @@ class RelayHandler(RelayAuth):
             # is composed as bytes (rawmime); anything else is parsed by the email package, in
             # a worker thread when big so that other sessions keep being answered meanwhile.
             message: EmailMessage | RawHeaders | None = scan_headers(raw)
+            if message is not None and "Message-ID" in message and not message.get("Message-ID"):
+                message = None  # an empty Message-ID is replaced, on the email-package path
             if message is None:
                 try:
                     message = (
@@ -386,7 +388,9 @@ class RelayHandler(RelayAuth):
         else:
             for name in {k for k in message if k.lower().startswith(RELAY_HEADER_PREFIX)}:
                 del message[name]  # relay metadata, never for the recipient
-            if added:
+            if added and "Message-ID" in message:
+                message.replace_header("Message-ID", added)  # it was there, and empty
+            elif added:
                 message["Message-ID"] = added
             to_send = message
         if added:

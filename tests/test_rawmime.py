@@ -618,17 +618,22 @@ def test_declined_where_the_email_package_refuses(name: str) -> None:
         reference(DECLINED[name])
 
 
-def test_general_path_quirks_left_to_it() -> None:
-    """Where the general path goes wrong, the byte level declines rather than copy it."""
-    # get_payload(decode=True) does not strip the transfer encoding, add_footer does: the
-    # general path sends the base64 text encoded twice.
+def test_general_path_handles_what_the_byte_level_leaves_to_it() -> None:
+    """Shapes the byte level declines, which the general path used to get wrong."""
+    # get_payload(decode=True) does not strip the transfer encoding: "base64 " used to be
+    # sent encoded twice (the recipient read "SGk=", not "Hi").
     out, _ = reference(DECLINED["transfer encoding with trailing space"])
-    sent = parse(out).get_payload()
-    assert isinstance(sent, str)
-    assert base64.b64decode(sent).startswith(b"SGk=\n")  # the recipient reads "SGk=", not "Hi"
-    # charset=base64 escapes as LookupError, not InvalidMessageError.
-    with pytest.raises(LookupError):
+    sent = parse(out)
+    assert sent["Content-Transfer-Encoding"] == "base64"
+    assert sent.get_payload(decode=True).startswith(b"Hi\n")
+    # charset=base64 used to escape as LookupError, not InvalidMessageError.
+    with pytest.raises(InvalidMessageError, match="not a text encoding"):
         reference(DECLINED["charset that is not a text encoding"])
+
+
+def test_forty_character_parameter_name_folded_as_the_email_package_does() -> None:
+    """The longest name the gh-138223 guard lets through: folded over lines, same bytes."""
+    check(crlf(SIMPLE + f"Content-Type: text/plain; {'n' * 40}={'v' * 60}\n\nHi\n"))
 
 
 @pytest.mark.parametrize(

@@ -170,6 +170,22 @@ async def test_message_without_message_id_gets_a_stable_one(relay_env: RelayEnv)
     assert len(added) == 2
 
 
+async def test_an_empty_message_id_is_replaced_by_the_stable_one(relay_env: RelayEnv) -> None:
+    data = wire(relay_message(MARIE, message_id=None)).replace(
+        b"Subject:", b"Message-ID: \r\nSubject:", 1
+    )
+    for _ in range(2):
+        ex = await smtp_exchange(relay_env.port, [MARIE], data)
+        assert ex.data is not None
+        assert ex.data[0] == 250, ex.data
+    (got,) = relay_env.received_by(MARIE)  # sent once, under the key it was recorded with
+    ids = parse(got).get_all("Message-ID")
+    assert len(ids) == 1
+    assert re.fullmatch(r"<[0-9a-f]{32}@relay\.test>", str(ids[0]))
+    (claim,) = [e for e in await relay_env.store.audit.events(status="sent")]
+    assert claim.message_id == str(ids[0])
+
+
 async def test_unknown_or_missing_campaign_is_refused(relay_env: RelayEnv) -> None:
     ex = await smtp_exchange(relay_env.port, [MARIE], wire(relay_message(MARIE, campaign=None)))
     assert ex.data is not None
