@@ -9,6 +9,7 @@ upstream, in one process or in WORKERS processes sharing the port (``[relay] wor
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import socket
 import sys
@@ -58,6 +59,8 @@ async def serve(db: str, listen: int, upstream: int, sock: socket.socket | None)
         )
         relay = RelayServer(mailer, settings)
         await relay.start(sock)
+        gc.collect()
+        gc.freeze()  # as `prospect-mailer relay` does once started
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         if sock is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import socket
 import sys
@@ -99,6 +100,11 @@ async def _serve(settings: Settings, sock: socket.socket | None = None, index: i
         except BaseException:
             await server.close()
             raise
+        # This process is the relay: what start-up loaded (modules, templates, settings) lives
+        # as long as it does. Out of the collector's sight, full collections only walk what
+        # messages allocate (about 5-10% of the relay's CPU on a 2 KB message).
+        gc.collect()
+        gc.freeze()
         where = "the outbox " + str(settings.outbox_dir)
         if settings.relay.upstream or settings.smtp_url:
             where = repr(getattr(server.handler.dsn_transport, "host", "upstream SMTP"))
