@@ -6,7 +6,7 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-pytest_plugins = ["smtp_fixtures", "store_fixtures", "relay_fixtures"]
+pytest_plugins = ["smtp_fixtures", "store_fixtures", "relay_fixtures", "test_web_support"]
 
 # Fast profile for local work, thorough profile for CI (HYPOTHESIS_PROFILE=ci in .ci/run).
 settings.register_profile("dev", max_examples=40, deadline=None)

@@ -83,6 +83,12 @@ async def store(db_url: str) -> AsyncIterator[Store]:
 
 
 @pytest.fixture
+def db(store: Store) -> Store:
+    """:func:`store` under the name the send-path tests use (mailer, relay, web, inbound)."""
+    return store
+
+
+@pytest.fixture
 async def open_store(db_url: str) -> AsyncIterator[OpenStore]:
     """Open more independent Store objects (own engine: like another process) on ``db_url``."""
     opened: list[Store] = []

@@ -6,12 +6,11 @@ The tokens come from messages the library sent (SQLite file and PostgreSQL); not
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
-from test_web_support import CAMPAIGN, Sent, is_blocked, make_mailer, make_optout, send_one
+from test_web_support import ADDR, CAMPAIGN, Sent, is_blocked, make_mailer, make_optout, send_one
 
 from prospect_mailer.addresses import normalise
 from prospect_mailer.errors import InvalidMessageError
@@ -20,7 +19,6 @@ from prospect_mailer.store import Store
 from prospect_mailer.tokens import TokenSigner
 from prospect_mailer.transport import MemoryTransport
 
-ADDR = "marie.curie@radium.example"
 HASH = normalise(ADDR).key_hash
 
 
@@ -146,20 +144,6 @@ def test_parse_report_never_crashes(data: bytes) -> None:
 
 
 # -- against the store (SQLite file and PostgreSQL) ---------------------------------------------
-
-
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Store]:
-    async with Store.connect(db_url) as store:
-        yield store
-
-
-@pytest.fixture
-async def sent(db: Store) -> AsyncIterator[tuple[Sent, MemoryTransport]]:
-    transport = MemoryTransport()
-    mailer = make_mailer(db, transport)
-    yield await send_one(mailer, transport, ADDR), transport
-    await mailer.close()
 
 
 async def test_mailto_unsubscribe_blocks_next_send(

@@ -26,12 +26,6 @@ from prospect_mailer.tokens import TokenSigner
 from prospect_mailer.transport import MemoryTransport, SMTPTransport, Transport
 
 
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Store]:
-    async with Store.connect(db_url) as store:
-        yield store
-
-
 def make_mailer(store: Store, transport: Transport, **kw: Any) -> ProspectMailer:
     return ProspectMailer(
         store=store,

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 
-import pytest
 from factories import CAMPAIGN, KEY, b2b
 from test_mailer import make_mailer
 
@@ -13,12 +11,6 @@ from prospect_mailer.optout import OptOutService
 from prospect_mailer.store import Store
 from prospect_mailer.tokens import TokenSigner
 from prospect_mailer.transport import MemoryTransport
-
-
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Store]:
-    async with Store.connect(db_url) as store:
-        yield store
 
 
 def mailto_token(transport: MemoryTransport, index: int) -> str:

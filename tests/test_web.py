@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from test_web_support import (
+    ADDR,
     CAMPAIGN,
     KEY,
     Sent,
@@ -29,7 +30,6 @@ from prospect_mailer.tokens import TokenSigner, UnsubscribeToken
 from prospect_mailer.transport import MemoryTransport
 from prospect_mailer.web import create_app, negotiate_locale
 
-ADDR = "marie.curie@radium.example"
 HASH = normalise(ADDR).key_hash
 ONE_CLICK = {"List-Unsubscribe": "One-Click"}
 NAMES = {"acme": "ACME SAS"}
@@ -43,20 +43,6 @@ def multipart_one_click(boundary: str = "----pmBoundary7MA4YWxk") -> tuple[bytes
         f"One-Click\r\n--{boundary}--\r\n"
     ).encode()
     return body, f"multipart/form-data; boundary={boundary}"
-
-
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Store]:
-    async with Store.connect(db_url) as store:
-        yield store
-
-
-@pytest.fixture
-async def sent(db: Store) -> AsyncIterator[tuple[Sent, MemoryTransport]]:
-    transport = MemoryTransport()
-    mailer = make_mailer(db, transport)
-    yield await send_one(mailer, transport, ADDR), transport
-    await mailer.close()
 
 
 @pytest.fixture

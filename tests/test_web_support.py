@@ -7,10 +7,12 @@ List-Unsubscribe header (HTTPS and mailto) and the VERP envelope sender.
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any
 
+import pytest
 from factories import BASE, CAMPAIGN, KEY, MAILTO_DOMAIN, NOW, b2b
 
 from prospect_mailer.mailer import ProspectMailer
@@ -21,6 +23,8 @@ from prospect_mailer.tokens import TokenSigner
 from prospect_mailer.transport import MemoryTransport
 
 BOUNCE_DOMAIN = "bounces.acme.example"
+#: The recipient the unsubscribe tests object for.
+ADDR = "marie.curie@radium.example"
 
 
 def make_mailer(store: Store, transport: MemoryTransport, **kw: Any) -> ProspectMailer:
@@ -78,3 +82,12 @@ async def is_blocked(mailer: ProspectMailer, address: str, campaign: Campaign = 
     outcome = await mailer.send(b2b(address), campaign, force=True)
     assert outcome.status in ("sent", "blocked"), outcome
     return outcome.status == "blocked"
+
+
+@pytest.fixture
+async def sent(db: Store) -> AsyncIterator[tuple[Sent, MemoryTransport]]:
+    """One message sent to :data:`ADDR` (its unsubscribe coordinates), and the transport."""
+    transport = MemoryTransport()
+    mailer = make_mailer(db, transport)
+    yield await send_one(mailer, transport, ADDR), transport
+    await mailer.close()

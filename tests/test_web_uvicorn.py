@@ -51,12 +51,6 @@ async def serve(app: ASGIApp) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Store]:
-    async with Store.connect(db_url) as store:
-        yield store
-
-
-@pytest.fixture
 async def base(db: Store) -> AsyncIterator[str]:
     app = create_app(store=db, signer=TokenSigner([KEY]), advertiser_names={"acme": "ACME SAS"})
     async with serve(app) as url:
