@@ -23,7 +23,7 @@ from .rawmime import apply_compliance_bytes
 from .tokens import TokenSigner, UnsubscribeToken
 from .transport import wire_bytes
 
-__all__ = ["Composer", "RawMessage", "footer_context"]
+__all__ = ["Composer", "RawMessage", "footer_context", "prepare_relay_message"]
 
 #: Headers a client adds for the relay (``X-Prospect-Campaign``...): never for the recipient.
 RELAY_HEADER_PREFIX = "x-prospect-"
@@ -51,12 +51,20 @@ class RawMessage:
         Raises:
             InvalidMessageError: the message cannot be processed safely.
         """
-        message = parse_message(self.data)
-        for name in {k for k in message if k.lower().startswith(RELAY_HEADER_PREFIX)}:
-            del message[name]
-        if self.message_id and "Message-ID" not in message:
-            message["Message-ID"] = self.message_id
-        return message
+        return prepare_relay_message(parse_message(self.data), self.message_id)
+
+
+def prepare_relay_message(message: EmailMessage, message_id: str | None) -> EmailMessage:
+    """The relay's header changes, in place: ``X-Prospect-*`` removed (relay metadata, never
+    for the recipient), and ``message_id`` set when the message has none or an empty one."""
+    for name in {k for k in message if k.lower().startswith(RELAY_HEADER_PREFIX)}:
+        del message[name]
+    if message_id and not str(message.get("Message-ID", "")).strip():
+        if "Message-ID" in message:
+            message.replace_header("Message-ID", message_id)
+        else:
+            message["Message-ID"] = message_id
+    return message
 
 
 def footer_context(

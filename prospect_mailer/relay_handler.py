@@ -21,7 +21,7 @@ from aiosmtpd.smtp import Envelope
 
 from .addresses import normalise
 from .campaigns import parse_campaign_ref
-from .compose import RELAY_HEADER_PREFIX, RawMessage
+from .compose import RawMessage, prepare_relay_message
 from .errors import InvalidAddressError, InvalidInputError, InvalidMessageError, StoreError
 from .mailer import ProspectMailer
 from .mime import parse_message
@@ -386,13 +386,7 @@ class RelayHandler(RelayAuth):
         if isinstance(message, RawHeaders):
             to_send = RawMessage(raw, message_id=added)
         else:
-            for name in {k for k in message if k.lower().startswith(RELAY_HEADER_PREFIX)}:
-                del message[name]  # relay metadata, never for the recipient
-            if added and "Message-ID" in message:
-                message.replace_header("Message-ID", added)  # it was there, and empty
-            elif added:
-                message["Message-ID"] = added
-            to_send = message
+            to_send = prepare_relay_message(message, added)
         if added:
             await self._audit(
                 AuditEvent(
