@@ -24,7 +24,7 @@ from .campaigns import parse_campaign_ref
 from .compose import RawMessage, prepare_relay_message
 from .errors import InvalidAddressError, InvalidInputError, InvalidMessageError, StoreError
 from .mailer import ProspectMailer
-from .mime import parse_message
+from .mime import crlf_only, parse_message
 from .models import Campaign, Prospect
 from .optout import OptOutService
 from .rawmime import RawHeaders, scan_headers
@@ -66,8 +66,7 @@ def bare_line_break(data: bytes) -> int | None:
     one pays for the regex that finds it, which over 20 MB would hold the GIL for half a
     second.
     """
-    crlf = data.count(b"\r\n")
-    if crlf == data.count(b"\n") and crlf == data.count(b"\r"):
+    if crlf_only(data):
         return None
     match = _BARE_LINE_BREAK.search(data)
     return None if match is None else match.start()

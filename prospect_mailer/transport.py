@@ -37,6 +37,7 @@ from prospect_mailer.errors import (
     TransportPermanentError,
     TransportTemporaryError,
 )
+from prospect_mailer.mime import crlf_only
 
 __all__ = [
     "Delivery",
@@ -182,8 +183,7 @@ def _prepare_data(message: bytes) -> bytes:
     """
     from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
-    crlf = message.count(b"\r\n")
-    if crlf != message.count(b"\n") or crlf != message.count(b"\r"):
+    if not crlf_only(message):
         return PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
     if not message.endswith(b"\r\n"):
         message += b"\r\n"
