@@ -391,7 +391,7 @@ def _swap_links(
     text, html = rendered
     for old, new in swaps:
         text = text.replace(old, new)
-        html = html.replace(old, str(escape(new)) if values is not _MARK else new)
+        html = html.replace(old, str(escape(new)))
     return text, html
 
 
