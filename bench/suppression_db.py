@@ -15,21 +15,23 @@ from prospect_mailer.store import Store, sqlite_url
 from .common import CACHE
 
 
+async def schema(path: Path) -> None:
+    """Create the store's schema in ``path``, or bring it to the current version."""
+    async with Store.connect(sqlite_url(path)):
+        pass
+
+
 def cached_store(entries: int) -> Path:
     """Path of a cached SQLite store with ``entries`` address suppression entries."""
     CACHE.mkdir(parents=True, exist_ok=True)
     path = CACHE / f"suppression-{entries}.db"
     if path.exists():
+        asyncio.run(schema(path))  # a cache built by an older schema is migrated once
         return path
     tmp = path.with_suffix(".building")
     for p in tmp.parent.glob(tmp.name + "*"):
         p.unlink()
-
-    async def schema() -> None:
-        async with Store.connect(sqlite_url(tmp)):
-            pass
-
-    asyncio.run(schema())
+    asyncio.run(schema(tmp))
     started = time.perf_counter()
     con = sqlite3.connect(tmp)
     con.execute("PRAGMA journal_mode=OFF")

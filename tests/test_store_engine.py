@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import create_async_engine
 
+from prospect_mailer.addresses import normalise
 from prospect_mailer.errors import ConfigError, StoreError
 from prospect_mailer.models import Prospect
 from prospect_mailer.store import CURRENT_SCHEMA_VERSION, Store, parse_url, sqlite_url
@@ -77,6 +79,73 @@ async def test_newer_schema_version_is_refused(db_url: str) -> None:
         await conn.execute(text("UPDATE schema_version SET version = 99"))
     with pytest.raises(StoreError, match=r"schema version 99, newer"):
         await Store.open(db_url)
+
+
+async def _indexes(store: Store) -> dict[str, list[str]]:
+    async with store.engine.connect() as conn:
+        found = await conn.run_sync(lambda c: inspect(c).get_indexes("suppression"))
+    return {str(i["name"]): list(i["column_names"]) for i in found}
+
+
+async def _make_version_1(db_url: str, *, sabotage: bool = False) -> None:
+    """Turn a new database back into what a prospect-mailer with schema 1 wrote.
+
+    ``sabotage``: also give another table an index of the name the migration creates, so
+    that the migration fails.
+    """
+    async with Store.connect(db_url) as store:
+        await store.suppression.add_address(
+            "ann@example.com", scope_value="acme", reason="unsubscribe", source="web"
+        )
+        async with store.engine.begin() as conn:
+            await conn.execute(text("DROP INDEX ix_suppression_lookup"))
+            old_index = "CREATE INDEX ix_suppression_key_hash ON suppression (key_hash)"
+            await conn.execute(text(old_index))
+            await conn.execute(text("UPDATE schema_version SET version = 1"))
+            if sabotage:
+                await conn.execute(text("CREATE INDEX ix_suppression_lookup ON prospects (id)"))
+
+
+async def test_schema_1_is_migrated_to_the_covering_lookup_index(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    await _make_version_1(db_url)
+    # Several processes opening the old database at once: one migrates, the others wait.
+    stores = await asyncio.gather(*(Store.open(db_url) for _ in range(4)))
+    try:
+        assert [await _version(s) for s in stores] == [CURRENT_SCHEMA_VERSION] * 4
+        indexes = await _indexes(stores[0])
+        assert "ix_suppression_key_hash" not in indexes
+        assert indexes["ix_suppression_lookup"] == [
+            "key_hash", "kind", "scope", "scope_value", "reason", "source", "created_at",
+        ]  # fmt: skip
+        key = normalise("ann@example.com").key_hash
+        for s in stores:
+            (hit,) = (await s.suppression.lookup([key, "0" * 64]))[key]
+            assert (hit.scope, hit.scope_value, hit.reason) == ("advertiser", "acme", "unsubscribe")
+    finally:
+        for s in stores:
+            await s.close()
+    assert sum("from version 1 to 2" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_a_failed_migration_leaves_the_old_version(db_url: str) -> None:
+    """The migration and the version update are one transaction."""
+    await _make_version_1(db_url, sabotage=True)
+    with pytest.raises(StoreError, match="opening the store"):
+        await Store.open(db_url)
+    # Still version 1 with its old index: a fixed database migrates on the next open.
+    engine = create_async_engine(db_url)
+    try:
+        async with engine.connect() as conn:
+            version = (await conn.execute(text("SELECT version FROM schema_version"))).scalar()
+            names = await conn.run_sync(
+                lambda c: {i["name"] for i in inspect(c).get_indexes("suppression")}
+            )
+    finally:
+        await engine.dispose()
+    assert version == 1
+    assert "ix_suppression_key_hash" in names
 
 
 async def test_bare_path_and_pathlike_open_sqlite(tmp_path: Path) -> None:

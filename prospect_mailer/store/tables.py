@@ -38,6 +38,7 @@ __all__ = [
     "SEND_CLAIMS",
     "STORE_TABLES",
     "SUPPRESSION",
+    "SUPPRESSION_LOOKUP_COLUMNS",
     "AuditEventRow",
     "AuditHeadRow",
     "CampaignRow",
@@ -48,6 +49,10 @@ __all__ = [
 ]
 
 _HASH = 64  # lower-case hex SHA-256
+#: The suppression lookup index: the key first, then every column a lookup returns.
+SUPPRESSION_LOOKUP_COLUMNS = (
+    "key_hash", "kind", "scope", "scope_value", "reason", "source", "created_at",
+)  # fmt: skip
 # 64-bit chain positions on PostgreSQL; on SQLite ``INTEGER PRIMARY KEY`` (the rowid) is 64-bit.
 _SEQ = BigInteger().with_variant(Integer, "sqlite")
 
@@ -68,7 +73,8 @@ class SuppressionRow(SQLModel, table=True):
     __tablename__ = "suppression"
     __table_args__ = (
         UniqueConstraint("kind", "key_hash", "scope", "scope_value", name="uq_suppression_entry"),
-        Index("ix_suppression_key_hash", "key_hash"),
+        # Covering: a lookup reads this index only, never the table (schema version 2).
+        Index("ix_suppression_lookup", *SUPPRESSION_LOOKUP_COLUMNS),
         CheckConstraint("kind IN ('address', 'domain')", name="ck_suppression_kind"),
         CheckConstraint(
             "scope IN ('global', 'advertiser', 'campaign')", name="ck_suppression_scope"
