@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ from sqlalchemy import select
 
 from prospect_mailer.errors import StoreError
 from prospect_mailer.store import AuditEvent, ClaimRequest, FinishRequest, Store, sqlite_url
+from prospect_mailer.store import fastwrite
 from prospect_mailer.store.tables import SEND_CLAIMS
 
 R1 = hashlib.sha256(b"one@example.com").hexdigest()
@@ -151,3 +153,39 @@ async def test_a_claim_never_exists_without_its_record(tmp_path: Path) -> None:
         with pytest.raises(StoreError, match="chain head is missing"):
             await store.claim_and_record([request("s1")], lambda rs: [event("s1", "pending")])
         assert await store.claims.statuses("spring", 1, [R1]) == {}
+
+
+async def test_writer_takes_the_lock_as_soon_as_another_process_frees_it(tmp_path: Path) -> None:
+    """SQLite's busy handler would sleep 1, 2, 5, 10, 15, 20... ms between attempts; the
+    writer polls instead, so it commits within a few ms of the lock being released."""
+    path = tmp_path / "pm.db"
+    async with Store.connect(sqlite_url(path)) as store:
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        claim = asyncio.ensure_future(store.claims.claim_many([request("s1")]))
+        await asyncio.sleep(0.3)
+        assert not claim.done()
+        released = time.monotonic()
+        other.execute("COMMIT")
+        (result,) = await claim
+        waited = time.monotonic() - released
+        other.close()
+    assert result.claimed
+    # SQLite's own handler, 300 ms into its wait, sleeps 100 ms between attempts.
+    assert waited < 0.05
+
+
+def test_writer_gives_up_on_a_lock_held_too_long(tmp_path: Path) -> None:
+    path = tmp_path / "pm.db"
+    sqlite3.connect(path).execute("CREATE TABLE t (x)").connection.close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    con = sqlite3.connect(path, isolation_level=None)
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        fastwrite._begin_immediate(con, timeout=0.2)
+    assert 0.15 < time.monotonic() - started < 1
+    # The connection's busy timeout is back to the store's 10 s.
+    assert con.execute("PRAGMA busy_timeout").fetchone() == (10000,)
+    holder.close()
+    con.close()
