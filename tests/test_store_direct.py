@@ -18,8 +18,14 @@ import pytest
 from sqlalchemy import select
 
 from prospect_mailer.errors import StoreError
-from prospect_mailer.store import AuditEvent, ClaimRequest, FinishRequest, Store, sqlite_url
-from prospect_mailer.store import fastwrite
+from prospect_mailer.store import (
+    AuditEvent,
+    ClaimRequest,
+    FinishRequest,
+    Store,
+    fastwrite,
+    sqlite_url,
+)
 from prospect_mailer.store.tables import SEND_CLAIMS
 
 R1 = hashlib.sha256(b"one@example.com").hexdigest()

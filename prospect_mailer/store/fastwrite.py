@@ -18,9 +18,10 @@ WAL, ``synchronous=FULL``, a 10 s busy timeout, except while taking the write lo
 own busy handler sleeps 1, 2, 5, 10, 15, 20, 25... ms between attempts, so two processes
 committing hundreds of times a second (relay workers, a relay beside a ``send_many``) would
 spend most of their time asleep with the lock free. ``BEGIN IMMEDIATE`` is retried here
-instead, every 0.1 ms at first and at most every 2 ms, for the same 10 s. Every :mod:`sqlite3` error becomes a
-:class:`~prospect_mailer.errors.StoreError` and rolls the transaction back: nothing of a failed
-batch is written, and the caller fails closed.
+instead, every 0.1 ms at first and at most every 2 ms, for the same 10 s.
+
+Every :mod:`sqlite3` error becomes a :class:`~prospect_mailer.errors.StoreError` and rolls the
+transaction back: nothing of a failed batch is written, and the caller fails closed.
 """
 
 from __future__ import annotations
