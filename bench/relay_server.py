@@ -17,7 +17,7 @@ import sys
 from prospect_mailer import Prospect, ProspectMailer, SMTPTransport
 from prospect_mailer.relay import RelayServer
 from prospect_mailer.relay_config import RelaySettings
-from prospect_mailer.relay_workers import bind_listener, run_workers
+from prospect_mailer.relay_workers import bind_listeners, run_workers
 from prospect_mailer.store import Store, sqlite_url
 from prospect_mailer.tokens import TokenSigner
 
@@ -76,10 +76,8 @@ def main(db: str, listen: int, upstream: int, prospects: int, workers: int) -> i
     if workers == 1:
         asyncio.run(serve(db, listen, upstream, None))
         return 0
-    listener = bind_listener("127.0.0.1", listen)
     return run_workers(
-        listener,
-        workers,
+        bind_listeners("127.0.0.1", listen, workers),
         lambda sock, _i: asyncio.run(serve(db, listen, upstream, sock)),
         on_started=lambda: print("ready", flush=True),
     )

@@ -1,9 +1,14 @@
 """Several relay processes on one listening socket (``[relay] workers = N``).
 
 One Python process runs its event loop on one core: the GIL keeps a second core idle however
-many sessions are open. With ``workers > 1`` the parent binds the listening socket, forks that
-many workers that each accept on it (the kernel hands every new connection to one of them) and
-run a complete relay: own event loop, store connections, upstream pool. Nothing is shared but
+many sessions are open. With ``workers > 1`` the parent binds one listening socket per worker
+on the same port (``SO_REUSEPORT``: the kernel spreads new connections over them by a hash of
+the client's address and port), forks that many workers that each accept on their own socket
+and run a complete relay: own event loop, store connections, upstream pool. One socket shared
+by every worker would not spread the load: asyncio accepts every pending connection at each
+wake-up, so the worker that wakes first takes a whole burst (10 sessions opened at once: 8 or
+9 on one worker, measured). Where ``SO_REUSEPORT`` does not exist, the workers share one
+socket. Nothing is shared but
 the socket and the database, and the database already serialises what must be (claims, the
 audit chain, suppression), exactly as for several relays started by hand.
 
@@ -22,57 +27,84 @@ import multiprocessing
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait
 from types import FrameType
 from typing import cast
 
 from .errors import ConfigError
 
-__all__ = ["bind_listener", "run_workers"]
+__all__ = ["bind_listeners", "run_workers"]
 
 log = logging.getLogger("prospect_mailer.relay")
 
 
-def bind_listener(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (port 0: the system picks one).
+def bind_listeners(host: str, port: int, count: int, *, backlog: int = 1024) -> list[socket.socket]:
+    """``count`` listening sockets on one ``host:port`` (port 0: the system picks one).
+
+    With ``count > 1`` and ``SO_REUSEPORT`` (Linux, the BSDs), ``count`` distinct sockets;
+    otherwise one socket, listed ``count`` times.
 
     Raises:
         ConfigError: the address cannot be bound (in use, not local...).
     """
+    if count < 1:
+        raise ValueError("count must be at least 1")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    reuse_port = count > 1 and hasattr(socket, "SO_REUSEPORT")
+    sockets: list[socket.socket] = []
     try:
-        return socket.create_server((host, port), family=family, backlog=backlog)
+        if reuse_port and port != 0:
+            # SO_REUSEPORT would let a second relay started by mistake share the port with
+            # this one (same user) instead of failing: a plain bind first fails if anything
+            # listens there, as a single-worker relay's bind does.
+            socket.create_server((host, port), family=family).close()
+        for _ in range(count if reuse_port else 1):
+            sockets.append(
+                socket.create_server(
+                    (host, port), family=family, backlog=backlog, reuse_port=reuse_port
+                )
+            )
+            port = sockets[0].getsockname()[1]  # port 0: the others join the port picked
     except OSError as exc:
+        for sock in sockets:
+            sock.close()
         raise ConfigError(f"relay cannot listen on {host}:{port}: {exc}") from exc
+    return sockets if reuse_port else sockets * count
 
 
-def _worker(main: Callable[[socket.socket, int], None], listener: socket.socket, i: int) -> None:
+def _worker(
+    main: Callable[[socket.socket, int], None], listeners: Sequence[socket.socket], i: int
+) -> None:
     # The parent's forwarding handlers were copied by fork: a worker stops on signals its
     # own way (its event loop installs handlers for a graceful stop).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
-    main(listener, i)
+    own = listeners[i]
+    for sock in listeners:
+        if sock is not own:
+            sock.close()  # another worker's: connections queued there are that worker's
+    main(own, i)
 
 
 def run_workers(
-    listener: socket.socket,
-    workers: int,
+    listeners: Sequence[socket.socket],
     worker_main: Callable[[socket.socket, int], None],
     *,
     on_started: Callable[[], None] | None = None,
 ) -> int:
-    """Fork ``workers`` processes running ``worker_main(listener, index)``; wait for them.
+    """Fork one process per listener running ``worker_main(listeners[index], index)``; wait.
 
-    Call it before any thread or event loop exists in this process (fork copies only the
-    calling thread). Returns the exit code for the parent: 0 when every worker stopped cleanly
-    after a signal, else 1.
+    ``listeners`` come from :func:`bind_listeners`. Call it before any thread or event loop
+    exists in this process (fork copies only the calling thread). Returns the exit code for
+    the parent: 0 when every worker stopped cleanly after a signal, else 1.
     """
+    workers = len(listeners)
     if workers < 1:
         raise ValueError("workers must be at least 1")
     context = multiprocessing.get_context("fork")
     procs = [
-        context.Process(target=_worker, args=(worker_main, listener, i), name=f"relay-worker-{i}")
+        context.Process(target=_worker, args=(worker_main, listeners, i), name=f"relay-worker-{i}")
         for i in range(workers)
     ]
     stopping = False
@@ -109,4 +141,5 @@ def run_workers(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        listener.close()
+        for sock in {id(s): s for s in listeners}.values():
+            sock.close()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from prospect_mailer.models import Outcome
 from prospect_mailer.relay_config import RelaySettings, hash_password, verify_password
 from prospect_mailer.relay_handler import bare_line_break
 from prospect_mailer.relay_replies import RecipientResult, message_reply, recipient_result
+from prospect_mailer.relay_workers import bind_listeners
 from prospect_mailer.store import Store
 from prospect_mailer.transport import SMTPTransport
 
@@ -301,3 +304,39 @@ async def test_relay_workers_share_the_port_and_stop_together(tmp_path: Path) ->
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_worker_listeners_spread_connections_and_refuse_a_taken_port() -> None:
+    listeners = bind_listeners("127.0.0.1", 0, 2)
+    try:
+        assert len({id(s) for s in listeners}) == 2  # SO_REUSEPORT: one socket per worker
+        port = listeners[0].getsockname()[1]
+        assert listeners[1].getsockname()[1] == port
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+        accepted = []
+        for sock in listeners:
+            sock.setblocking(False)
+            n = 0
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    sock.accept()[0].close()
+                    n += 1
+            accepted.append(n)
+        for c in clients:
+            c.close()
+        # Spread by the kernel (all 40 on one socket: odds of 2 in 2^40), none lost.
+        assert sum(accepted) == 40
+        assert min(accepted) > 0, accepted
+        # A second relay on the same port fails, as it does with one worker.
+        for count in (1, 2):
+            with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
+                bind_listeners("127.0.0.1", port, count)
+    finally:
+        for sock in listeners:
+            sock.close()
+    with socket.create_server(("127.0.0.1", 0)) as plain:
+        taken = plain.getsockname()[1]
+        with pytest.raises(ConfigError, match="cannot listen"):
+            bind_listeners("127.0.0.1", taken, 2)
+    (single,) = bind_listeners("127.0.0.1", 0, 1)
+    single.close()

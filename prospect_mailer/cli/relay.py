@@ -19,7 +19,7 @@ from ..config import Settings, load_settings
 from ..models import Campaign
 from ..relay import RelayServer
 from ..relay_config import RelaySettings, hash_password, parse_listen
-from ..relay_workers import bind_listener, run_workers
+from ..relay_workers import bind_listeners, run_workers
 from ..store import Store
 from .app import app, console
 
@@ -72,8 +72,8 @@ def relay(
     if count == 1:
         asyncio.run(_serve(settings))
         return
-    listener = bind_listener(*parse_listen(settings.relay.listen))
-    host, port = listener.getsockname()[:2]
+    listeners = bind_listeners(*parse_listen(settings.relay.listen), count)
+    host, port = listeners[0].getsockname()[:2]
 
     def started() -> None:
         # Flushed at once: scripts and tests wait for this line to connect.
@@ -82,7 +82,7 @@ def relay(
     def worker(sock: socket.socket, index: int) -> None:
         asyncio.run(_serve(settings, sock, index))
 
-    code = run_workers(listener, count, worker, on_started=started)
+    code = run_workers(listeners, worker, on_started=started)
     print("relay stopped: every worker finished", flush=True)
     raise typer.Exit(code)
 
