@@ -98,13 +98,13 @@ class SQLiteReader:
         """How many parts (threads, connections) a large batch is split into at most."""
         return len(self._part_cons)
 
-    def _select(self, con: sqlite3.Connection, keys: Sequence[str]) -> list[Any]:
+    def _select(self, con: sqlite3.Connection, keys: Sequence[str], aggregate: bool) -> list[Any]:
         rows: list[Any] = []
         try:
             for start in range(0, len(keys), _CHUNK):
                 chunk = list(keys[start : start + _CHUNK])
                 marks = ",".join("?" * len(chunk))
-                if self._json:
+                if aggregate and self._json:
                     ((text,),) = con.execute(_SELECT_JSON.format(marks=marks), chunk).fetchall()
                     rows += json.loads(text)
                 else:
@@ -115,12 +115,13 @@ class SQLiteReader:
 
     def _query(self, keys: Sequence[str]) -> list[Any]:
         with self._lock:
-            return self._select(self._con, keys)
+            # Row by row: for a few keys, cheaper than building and parsing JSON.
+            return self._select(self._con, keys, aggregate=False)
 
     def _query_part(self, keys: Sequence[str]) -> list[Any]:
         con = self._parts.get()
         try:
-            return self._select(con, keys)
+            return self._select(con, keys, aggregate=True)
         finally:
             self._parts.put(con)
 
