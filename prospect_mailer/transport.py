@@ -20,7 +20,7 @@ import ssl
 import tempfile
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -30,6 +30,7 @@ from typing import Any, NamedTuple, Protocol, TypedDict, Unpack
 from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
+from aiosmtplib.typing import Default
 
 from prospect_mailer.errors import (
     ConfigError,
@@ -111,6 +112,20 @@ def _by_code(code: int) -> type[TransportError]:
     return TransportPermanentError if 500 <= code <= 599 else TransportTemporaryError
 
 
+#: An ASCII dot-atom address (``local@domain``, no quoting, comment or display name): what
+#: aiosmtplib's ``quote_address`` (``email.utils.parseaddr`` and an injection check, about 50
+#: µs per address) returns unchanged between angle brackets, as a property test checks.
+PLAIN_ADDRESS = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+)
+_DEFAULT_TIMEOUT: Any = Default.token  # aiosmtplib's 'the client's own timeout'
+
+
+def _option_bytes(options: Iterable[str] | None) -> list[bytes]:
+    return [option.encode("ascii") for option in options or ()]
+
+
 class _Connection(aiosmtplib.SMTP):
     """An aiosmtplib client that knows when it was last used and whether DATA was started.
 
@@ -123,6 +138,50 @@ class _Connection(aiosmtplib.SMTP):
         self.generation = generation
         self.last_used = 0.0
         self.data_started = False
+
+    async def mail(
+        self,
+        sender: str,
+        /,
+        *,
+        options: Iterable[str] | None = None,
+        encoding: str = "ascii",
+        timeout: Any = _DEFAULT_TIMEOUT,  # noqa: ASYNC109 - aiosmtplib's signature
+    ) -> aiosmtplib.SMTPResponse:
+        """aiosmtplib's MAIL, without its address parse for a plain address (see
+        :data:`PLAIN_ADDRESS`): the same command bytes, replies and errors."""
+        if not PLAIN_ADDRESS.fullmatch(sender):
+            return await super().mail(sender, options=options, encoding=encoding, timeout=timeout)
+        await self._ehlo_or_helo_if_needed()
+        args = [b"FROM:<" + sender.encode(encoding) + b">", *_option_bytes(options)]
+        response = await self.execute_command(b"MAIL", *args, timeout=timeout)
+        if response.code != aiosmtplib.SMTPStatus.completed:
+            raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
+        return response
+
+    async def rcpt(
+        self,
+        recipient: str,
+        /,
+        *,
+        options: Iterable[str] | None = None,
+        encoding: str = "ascii",
+        timeout: Any = _DEFAULT_TIMEOUT,  # noqa: ASYNC109 - aiosmtplib's signature
+    ) -> aiosmtplib.SMTPResponse:
+        """aiosmtplib's RCPT, without its address parse for a plain address."""
+        if not PLAIN_ADDRESS.fullmatch(recipient):
+            return await super().rcpt(
+                recipient, options=options, encoding=encoding, timeout=timeout
+            )
+        await self._ehlo_or_helo_if_needed()
+        args = [b"TO:<" + recipient.encode(encoding) + b">", *_option_bytes(options)]
+        response = await self.execute_command(b"RCPT", *args, timeout=timeout)
+        if response.code not in (
+            aiosmtplib.SMTPStatus.completed,
+            aiosmtplib.SMTPStatus.will_forward,
+        ):
+            raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, recipient)
+        return response
 
     async def data(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
         self.data_started = True

@@ -14,8 +14,12 @@ from email.message import EmailMessage
 from pathlib import Path
 from urllib.parse import quote
 
+import aiosmtplib
+import aiosmtplib.email
 import pytest
 import pytest_asyncio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from smtp_fixtures import SMTPTestServer
 
 from prospect_mailer.errors import (
@@ -25,6 +29,7 @@ from prospect_mailer.errors import (
     TransportTemporaryError,
 )
 from prospect_mailer.transport import (
+    PLAIN_ADDRESS,
     Delivery,
     MemoryTransport,
     OutboxTransport,
@@ -691,3 +696,36 @@ async def test_big_message_data_is_prepared_off_loop_with_identical_wire_bytes(
     assert big_received.endswith(body)
     assert b".leading dot\r\nlone LF\r\nlone CR\r\n" in big_received
     assert b".leading dot\r\nlone LF\r\nlone CR\r\n" in small_received  # stock path agrees
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.one_of(
+        st.from_regex(PLAIN_ADDRESS, fullmatch=True),
+        st.text(alphabet=st.sampled_from(list('ab.@"<> \\()[],:;é+%!-')), max_size=20),
+    )
+)
+def test_plain_address_fast_path_quotes_as_aiosmtplib_does(address: str) -> None:
+    """MAIL/RCPT skip aiosmtplib's parse only where it would return the address unchanged."""
+    if PLAIN_ADDRESS.fullmatch(address):
+        assert aiosmtplib.email.quote_address(address) == f"<{address}>"
+
+
+@pytest.mark.parametrize(
+    ("sender", "recipient"),
+    [
+        ("bounce+x1@exemple.fr", "o'neil.x+tag@client.example"),  # fast path
+        ("Ventes <ventes@exemple.fr>", '"a b"@client.example'),  # aiosmtplib's own path
+    ],
+)
+async def test_mail_and_rcpt_commands_on_both_address_paths(
+    smtpd_server: SMTPTestServer, make_smtp: MakeSMTP, sender: str, recipient: str
+) -> None:
+    transport = make_smtp(smtpd_server)
+    await transport.send(make_message(), sender=sender, recipients=[recipient])
+    address = aiosmtplib.email.parse_address
+    assert smtpd_server.commands_named("MAIL")[-1].startswith(f"FROM:<{address(sender)}>")
+    assert smtpd_server.commands_named("RCPT") == [f"TO:<{address(recipient)}>"]
+    smtpd_server.fail_rcpt[recipient] = "550 5.1.1 no such user"
+    with pytest.raises(TransportPermanentError, match="no such user"):
+        await transport.send(make_message(), sender=sender, recipients=[recipient])
