@@ -287,9 +287,7 @@ class ProspectMailer:
         options = Options(
             force=force, dry_run=dry_run, message=parsed, message_key=message_key, big=big
         )
-        async for outcome in self.pipeline.run([prospect], campaign, options, None, 1):
-            return outcome
-        raise AssertionError("unreachable: one prospect gives one outcome")  # pragma: no cover
+        return await self.pipeline.one(prospect, campaign, options)
 
     async def send_many(
         self,

@@ -191,11 +191,42 @@ class Pipeline:
         records); only the sends run one by one, with bounded concurrency, and their results
         are group-committed by the finisher.
         """
+        slots = await self.prepare(chunk, campaign, options, limit, finisher)
+        try:
+            for slot in slots:
+                yield await slot if isinstance(slot, asyncio.Future) else slot
+        finally:
+            await _cancel_pending(slots)
+
+    async def one(self, prospect: Prospect, campaign: Campaign, options: Options) -> Outcome:
+        """:meth:`chunk` for one recipient (``ProspectMailer.send``, the relay's every send),
+        without an async generator to set up and finalise."""
+        (slot,) = await self.prepare(
+            [prospect], campaign, options, asyncio.Semaphore(self.concurrency), self._finisher
+        )
+        if not isinstance(slot, asyncio.Future):
+            return slot
+        try:
+            return await slot
+        finally:
+            await _cancel_pending([slot])
+
+    async def prepare(
+        self,
+        chunk: Sequence[Prospect],
+        campaign: Campaign,
+        options: Options,
+        limit: asyncio.Semaphore,
+        finisher: Finisher,
+    ) -> list[Outcome | asyncio.Future[Outcome]]:
+        """Everything up to the sends, which are started: per recipient, in order, its outcome
+        or the task delivering it."""
         items = await self.gather_facts(chunk, campaign, options)
         if options.dry_run:
-            for item in items:
-                yield item if isinstance(item, Outcome) else self.dry_run(item, campaign, options)
-            return
+            return [
+                item if isinstance(item, Outcome) else self.dry_run(item, campaign, options)
+                for item in items
+            ]
         now = self.clock()
         slots: list[Outcome | Plan] = []
         events: list[AuditEvent] = []
@@ -235,29 +266,18 @@ class Pipeline:
         # Durable before any transport is called: claims and every record of the chunk
         # (blocks, duplicates, `pending`, composition failures).
         await self.claim_and_record(allowed, campaign, options, events)
-        tasks: list[asyncio.Future[Outcome] | None] = []
+        out: list[Outcome | asyncio.Future[Outcome]] = []
         for slot in slots:
-            if isinstance(slot, Plan) and slot.final is None and slot.message is not None:
-                tasks.append(
+            if isinstance(slot, Outcome):
+                out.append(slot)
+            elif slot.final is None and slot.message is not None:
+                out.append(
                     asyncio.ensure_future(self.deliver(slot, campaign, options, limit, finisher))
                 )
             else:
-                tasks.append(None)
-        try:
-            for slot, task in zip(slots, tasks, strict=True):
-                if task is not None:
-                    yield await task
-                elif isinstance(slot, Outcome):
-                    yield slot
-                else:
-                    assert slot.final is not None
-                    yield slot.final
-        finally:
-            # Stopped early (Ctrl-C, consumer break): let no send run on unobserved.
-            pending = [t for t in tasks if t is not None and not t.done()]
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+                assert slot.final is not None
+                out.append(slot.final)
+        return out
 
     async def compose(
         self,
@@ -480,6 +500,14 @@ class Pipeline:
             await self.store.audit.append(events)
         except StoreError:
             return  # the store is down: the log line is all that can be written
+
+
+async def _cancel_pending(slots: Sequence[Outcome | asyncio.Future[Outcome]]) -> None:
+    """Stopped early (Ctrl-C, a consumer's break): let no send run on unobserved."""
+    pending = [s for s in slots if isinstance(s, asyncio.Future) and not s.done()]
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 @dataclass(frozen=True, slots=True)
