@@ -1,7 +1,8 @@
 """A bare aiosmtpd -> aiosmtplib forwarding proxy with a pooled upstream (the baseline relay).
 
 What a home-made relay gets: no rules, no footers, no audit; it still answers 250 only
-after the upstream accepted. ``python -m bench.bare_proxy LISTEN_PORT UPSTREAM_PORT``
+after the upstream accepted. ``python -m bench.bare_proxy LISTEN_PORT UPSTREAM_PORT [LOOP]``
+(LOOP: ``asyncio``, the default and the baseline, or ``uvloop``, for comparison).
 """
 
 from __future__ import annotations
@@ -52,4 +53,11 @@ async def main(listen: int, upstream: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
+    # Not importing prospect_mailer: the baseline carries nothing of ours (nor its memory).
+    new_loop = asyncio.new_event_loop
+    if sys.argv[3:] == ["uvloop"]:
+        import uvloop
+
+        new_loop = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        runner.run(main(int(sys.argv[1]), int(sys.argv[2])))

@@ -6,7 +6,10 @@ Both servers run in their own process; ``smtp-source`` and ``smtp-sink`` (Postfi
 Debian package ``postfix``; the daemon is never started) drive and absorb the load, and also
 run straight into each other (the C ceiling on loopback; no server, so no CPU column). Each
 configuration is run with reused client sessions (``smtp-source -d``) and with a new session
-per message. Target (issue 6): the relay >= 0.6x the bare proxy.
+per message. Target (issue 6): the relay >= 0.6x the bare proxy. The relay runs on the event
+loop ``prospect-mailer relay`` takes (uvloop when the ``fast`` extra is installed); the bare
+proxy, the baseline, on asyncio's own loop as a home-made relay would, and also on uvloop (a row
+for comparison, when installed).
 """
 
 from __future__ import annotations
@@ -22,7 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from prospect_mailer.relay_workers import event_loop_factory
+
 from .common import ROOT, Result, body_texts, free_port, print_table, smtp_sink, wait_port
+
+#: What `prospect-mailer relay` runs on here (relay.event_loop = auto: uvloop when installed).
+RELAY_LOOP = event_loop_factory("auto")[0]
 
 
 def message_file(directory: Path, size: str) -> Path:
@@ -125,15 +133,16 @@ def run(
         return ceiling(sink_port, msg, n, sessions, reuse)
     port = free_port()
     with tempfile.TemporaryDirectory(dir=ROOT / "bench" / ".cache") as tmp:
-        if kind == "bare":
-            cmd = [sys.executable, "-m", "bench.bare_proxy", str(port), str(sink_port)]
+        if kind.startswith("bare"):
+            loop = "uvloop" if kind == "bare-uvloop" else "asyncio"
+            cmd = [sys.executable, "-m", "bench.bare_proxy", str(port), str(sink_port), loop]
         else:
             db = str(Path(tmp) / "relay.db")
             cmd = [sys.executable, "-m", "bench.relay_server", db, str(port), str(sink_port),
                    str(n + 10), str(workers)]  # fmt: skip
         server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         try:
-            if kind != "bare":
+            if kind == "ours":
                 assert server.stdout is not None
                 server.stdout.readline()  # "ready" once the prospects are registered
             wait_port(port, 60)
@@ -144,7 +153,9 @@ def run(
         finally:
             server.terminate()
             server.wait(30)
-    who = "bare proxy" if kind == "bare" else "prospect-mailer relay"
+    who = {"bare": "bare proxy", "bare-uvloop": "bare proxy on uvloop"}.get(
+        kind, f"prospect-mailer relay ({RELAY_LOOP})"
+    )
     if workers > 1:
         who += f" x{workers} workers"
     name = f"{who} {msg.stem[8:]} " + ("reused sessions" if reuse else "new sessions")
@@ -184,6 +195,8 @@ def main() -> None:
                 results.append(run("direct", sink_port, msg, n, a.sessions, reuse))
                 base = run("bare", sink_port, msg, n, a.sessions, reuse)
                 results.append(base)
+                if RELAY_LOOP == "uvloop":  # the same proxy on uvloop, for comparison only
+                    results.append(run("bare-uvloop", sink_port, msg, n, a.sessions, reuse))
                 for workers in sorted({1, a.workers}):
                     ours = run("ours", sink_port, msg, n, a.sessions, reuse, workers)
                     ours.baseline = base.name

@@ -17,7 +17,7 @@ import sys
 from prospect_mailer import Prospect, ProspectMailer, SMTPTransport
 from prospect_mailer.relay import RelayServer
 from prospect_mailer.relay_config import RelaySettings
-from prospect_mailer.relay_workers import bind_listeners, run_workers
+from prospect_mailer.relay_workers import bind_listeners, event_loop_factory, run_workers
 from prospect_mailer.store import Store, sqlite_url
 from prospect_mailer.tokens import TokenSigner
 
@@ -73,12 +73,19 @@ async def serve(db: str, listen: int, upstream: int, sock: socket.socket | None)
 
 def main(db: str, listen: int, upstream: int, prospects: int, workers: int) -> int:
     asyncio.run(prepare(db, prospects))
+    # The event loop `prospect-mailer relay` takes (relay.event_loop = auto).
+    _, new_loop = event_loop_factory("auto")
+
+    def run(sock: socket.socket | None) -> None:
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            runner.run(serve(db, listen, upstream, sock))
+
     if workers == 1:
-        asyncio.run(serve(db, listen, upstream, None))
+        run(None)
         return 0
     return run_workers(
         bind_listeners("127.0.0.1", listen, workers),
-        lambda sock, _i: asyncio.run(serve(db, listen, upstream, sock)),
+        lambda sock, _i: run(sock),
         on_started=lambda: print("ready", flush=True),
     )
 

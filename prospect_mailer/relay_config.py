@@ -13,6 +13,7 @@ import hmac
 import ipaddress
 import secrets
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
@@ -117,6 +118,8 @@ class RelaySettings(BaseModel):
         shutdown_grace: seconds in-flight transactions get to finish on SIGTERM.
         workers: relay processes sharing the listening socket (one per core to use; see
             :mod:`prospect_mailer.relay_workers`); connection limits are per worker.
+        event_loop: ``auto`` (uvloop when installed: ``pip install 'prospect-mailer[fast]'``,
+            else asyncio's own), ``asyncio`` or ``uvloop`` (an error if not installed).
         dkim_key, dkim_selector, dkim_domain: sign every message after injection (needs the
             ``dkim`` extra); ``h=`` always covers List-Unsubscribe and List-Unsubscribe-Post.
     """
@@ -141,6 +144,7 @@ class RelaySettings(BaseModel):
     concurrency: int = Field(default=8, ge=1, le=256)
     shutdown_grace: float = Field(default=30.0, ge=0)
     workers: int = Field(default=1, ge=1, le=64)
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     dkim_key: Path | None = None
     dkim_selector: str | None = None
     dkim_domain: str | None = None

@@ -300,8 +300,8 @@ class _RecordingSMTP(AiosmtpdSMTP):
 
     def abort(self) -> None:
         for transport in (self.transport, self._original_transport):
-            if isinstance(transport, asyncio.Transport):
-                transport.abort()
+            if transport is not None:  # asyncio's, or another loop's (uvloop's are not
+                transport.abort()  # asyncio.Transport subclasses)
 
     def close_transport(self) -> None:
         if self.transport is not None:

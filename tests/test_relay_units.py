@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from relay_fixtures import (
     CAMPAIGN,
     MARIE,
@@ -31,7 +32,7 @@ from prospect_mailer.models import Outcome
 from prospect_mailer.relay_config import RelaySettings, hash_password, verify_password
 from prospect_mailer.relay_handler import bare_line_break
 from prospect_mailer.relay_replies import RecipientResult, message_reply, recipient_result
-from prospect_mailer.relay_workers import bind_listeners
+from prospect_mailer.relay_workers import bind_listeners, event_loop_factory
 from prospect_mailer.store import Store
 from prospect_mailer.transport import SMTPTransport
 
@@ -178,12 +179,40 @@ async def test_dkim_signature_covers_and_over_signs_list_unsubscribe(
     assert not dkim.verify(forged, dnsfunc=dns)
 
 
+def this_loop() -> str:
+    """``uvloop`` or ``asyncio``: the kind of event loop this test runs on (see conftest)."""
+    module = type(asyncio.get_running_loop()).__module__
+    return "uvloop" if module.startswith("uvloop") else "asyncio"
+
+
+def test_event_loop_choice() -> None:
+    assert event_loop_factory("asyncio") == ("asyncio", asyncio.new_event_loop)
+    name, factory = event_loop_factory("auto")
+    loop = factory()
+    try:
+        assert type(loop).__module__.startswith(name)
+    finally:
+        loop.close()
+    with pytest.raises(ConfigError, match="auto, asyncio or uvloop"):
+        event_loop_factory("trio")
+    with pytest.raises(ValidationError, match="event_loop"):
+        RelaySettings(event_loop="trio")  # type: ignore[arg-type]
+
+
+def test_missing_uvloop_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed
+    assert event_loop_factory("auto")[0] == "asyncio"
+    with pytest.raises(ConfigError, match=r"pip install 'prospect-mailer\[fast\]'"):
+        event_loop_factory("uvloop")
+
+
 async def test_relay_command_serves_and_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
     env = os.environ | {
         "PROSPECT_MAILER_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/db.db",
         "PROSPECT_MAILER_OUTBOX_DIR": str(tmp_path / "outbox"),
         "PROSPECT_MAILER_SECRET_KEY": "k" * 32,
         "PROSPECT_MAILER_RELAY__CAMPAIGNS_DIR": str(tmp_path / "campaigns"),
+        "PROSPECT_MAILER_RELAY__EVENT_LOOP": this_loop(),  # the relay runs on this test's kind
     }
     (tmp_path / "campaigns").mkdir()
     (tmp_path / "campaigns" / "crm.toml").write_text(
@@ -202,6 +231,7 @@ async def test_relay_command_serves_and_stops_gracefully_on_sigterm(tmp_path: Pa
     try:
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
         assert "relay listening on 127.0.0.1:" in line, line
+        assert line.rstrip().endswith(f"(event loop: {this_loop()})"), line
         port = int(line.split("127.0.0.1:", 1)[1].split(",", 1)[0])
         # No prospect registered: refused at RCPT, origin unknown.
         ex = await smtp_exchange(port, [MARIE], None)
@@ -236,6 +266,7 @@ async def test_relay_workers_share_the_port_and_stop_together(tmp_path: Path) ->
         "PROSPECT_MAILER_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/db.db",
         "PROSPECT_MAILER_OUTBOX_DIR": str(tmp_path / "outbox"),
         "PROSPECT_MAILER_SECRET_KEY": "k" * 32,
+        "PROSPECT_MAILER_RELAY__EVENT_LOOP": this_loop(),
     }
     env.pop("PROSPECT_MAILER_CONFIG", None)
     code = "from prospect_mailer.cli import main; raise SystemExit(main())"
@@ -262,6 +293,7 @@ async def test_relay_workers_share_the_port_and_stop_together(tmp_path: Path) ->
     try:
         assert "relay worker 0 listening" in seen
         assert "relay worker 1 listening" in seen
+        assert seen.count(f"(event loop: {this_loop()})") == 2, seen
         ex = await smtp_exchange(port, [MARIE], None)
         assert ex.rcpt[MARIE][0] == 550  # not registered
         # Twelve messages at once, spread over both workers: each delivered once, one chain.

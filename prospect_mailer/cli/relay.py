@@ -19,7 +19,7 @@ from ..config import Settings, load_settings
 from ..models import Campaign
 from ..relay import RelayServer
 from ..relay_config import RelaySettings, hash_password, parse_listen
-from ..relay_workers import bind_listeners, run_workers
+from ..relay_workers import bind_listeners, event_loop_factory, run_workers
 from ..store import Store
 from .app import app, console
 
@@ -69,8 +69,10 @@ def relay(
         merged = RelaySettings.model_validate(settings.relay.model_dump() | changes)
         settings = settings.model_copy(update={"relay": merged})
     count = settings.relay.workers
+    loop_name, new_loop = event_loop_factory(settings.relay.event_loop)
     if count == 1:
-        asyncio.run(_serve(settings))
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            runner.run(_serve(settings, loop_name=loop_name))
         return
     listeners = bind_listeners(*parse_listen(settings.relay.listen), count)
     host, port = listeners[0].getsockname()[:2]
@@ -80,14 +82,17 @@ def relay(
         print(f"relay listening on {host}:{port}, {count} worker processes", flush=True)
 
     def worker(sock: socket.socket, index: int) -> None:
-        asyncio.run(_serve(settings, sock, index))
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            runner.run(_serve(settings, sock, index, loop_name=loop_name))
 
     code = run_workers(listeners, worker, on_started=started)
     print("relay stopped: every worker finished", flush=True)
     raise typer.Exit(code)
 
 
-async def _serve(settings: Settings, sock: socket.socket | None = None, index: int = 0) -> None:
+async def _serve(
+    settings: Settings, sock: socket.socket | None = None, index: int = 0, *, loop_name: str
+) -> None:
     server = await RelayServer.from_settings(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -110,7 +115,11 @@ async def _serve(settings: Settings, sock: socket.socket | None = None, index: i
             where = repr(getattr(server.handler.dsn_transport, "host", "upstream SMTP"))
         who = f"relay worker {index}" if sock is not None else "relay"
         # Flushed at once: scripts and tests wait for this line to connect.
-        print(f"{who} listening on {server.host}:{server.port}, delivering to {where}", flush=True)
+        print(
+            f"{who} listening on {server.host}:{server.port}, delivering to {where} "
+            f"(event loop: {loop_name})",
+            flush=True,
+        )
         await server.serve_until(stop)
         print(f"{who} stopped: in-flight messages finished, store closed", flush=True)
     finally:
