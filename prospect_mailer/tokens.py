@@ -17,6 +17,8 @@ import base64
 import binascii
 import hashlib
 import hmac
+import json
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -88,6 +90,8 @@ class TokenSigner:
         self._serializer = URLSafeSerializer(
             raw, salt=_SALT, signer_kwargs={"digest_method": hashlib.sha256}
         )
+        # itsdangerous derives the signing key ("django-concat") on every call: once is enough.
+        self._signing_key = hashlib.sha256(_SALT.encode() + b"signer" + raw[-1]).digest()
 
     # -- HTTPS tokens ---------------------------------------------------------------------------
 
@@ -102,7 +106,20 @@ class TokenSigner:
             "s": token.scope,
             "l": token.locale,
         }
-        return str(self._serializer.dumps(payload))
+        return self._dumps(payload)
+
+    def _dumps(self, payload: dict[str, object]) -> str:
+        """``URLSafeSerializer.dumps`` of itsdangerous, byte for byte (a test compares them),
+        without the per-call objects and key derivation: a fifth of a relayed message's
+        composition. Verification stays with itsdangerous."""
+        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        compressed = zlib.compress(data)
+        if len(compressed) < len(data) - 1:
+            body = b"." + base64.urlsafe_b64encode(compressed).rstrip(b"=")
+        else:
+            body = base64.urlsafe_b64encode(data).rstrip(b"=")
+        mac = hmac.new(self._signing_key, body, hashlib.sha256).digest()
+        return (body + b"." + base64.urlsafe_b64encode(mac).rstrip(b"=")).decode("ascii")
 
     def verify(self, value: str) -> UnsubscribeToken:
         """Check the signature and return the payload.
