@@ -122,10 +122,6 @@ PLAIN_ADDRESS = re.compile(
 _DEFAULT_TIMEOUT: Any = Default.token  # aiosmtplib's 'the client's own timeout'
 
 
-def _option_bytes(options: Iterable[str] | None) -> list[bytes]:
-    return [option.encode("ascii") for option in options or ()]
-
-
 class _Connection(aiosmtplib.SMTP):
     """An aiosmtplib client that knows when it was last used and whether DATA was started.
 
@@ -152,9 +148,7 @@ class _Connection(aiosmtplib.SMTP):
         :data:`PLAIN_ADDRESS`): the same command bytes, replies and errors."""
         if not PLAIN_ADDRESS.fullmatch(sender):
             return await super().mail(sender, options=options, encoding=encoding, timeout=timeout)
-        await self._ehlo_or_helo_if_needed()
-        args = [b"FROM:<" + sender.encode(encoding) + b">", *_option_bytes(options)]
-        response = await self.execute_command(b"MAIL", *args, timeout=timeout)
+        response = await self._plain(b"MAIL", b"FROM:", sender, options, encoding, timeout)
         if response.code != aiosmtplib.SMTPStatus.completed:
             raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
         return response
@@ -173,15 +167,28 @@ class _Connection(aiosmtplib.SMTP):
             return await super().rcpt(
                 recipient, options=options, encoding=encoding, timeout=timeout
             )
-        await self._ehlo_or_helo_if_needed()
-        args = [b"TO:<" + recipient.encode(encoding) + b">", *_option_bytes(options)]
-        response = await self.execute_command(b"RCPT", *args, timeout=timeout)
+        response = await self._plain(b"RCPT", b"TO:", recipient, options, encoding, timeout)
         if response.code not in (
             aiosmtplib.SMTPStatus.completed,
             aiosmtplib.SMTPStatus.will_forward,
         ):
             raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, recipient)
         return response
+
+    async def _plain(
+        self,
+        verb: bytes,
+        prefix: bytes,
+        address: str,
+        options: Iterable[str] | None,
+        encoding: str,
+        timeout: Any,  # noqa: ASYNC109 - passed on to aiosmtplib
+    ) -> aiosmtplib.SMTPResponse:
+        """``VERB prefix<address> options`` for a plain address, as aiosmtplib writes it."""
+        await self._ehlo_or_helo_if_needed()
+        args = [prefix + b"<" + address.encode(encoding) + b">"]
+        args += [option.encode("ascii") for option in options or ()]
+        return await self.execute_command(verb, *args, timeout=timeout)
 
     async def data(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
         self.data_started = True
