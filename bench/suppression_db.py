@@ -7,6 +7,7 @@ import hashlib
 import shutil
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,10 +16,16 @@ from prospect_mailer.store import Store, sqlite_url
 from .common import CACHE
 
 
-async def schema(path: Path) -> None:
-    """Create the store's schema in ``path``, or bring it to the current version."""
-    async with Store.connect(sqlite_url(path)):
-        pass
+def schema(path: Path) -> None:
+    """Create the store's schema in ``path``, or bring it to the current version (in a thread
+    of its own: callers may be inside an event loop)."""
+
+    async def open_once() -> None:
+        async with Store.connect(sqlite_url(path)):
+            pass
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, open_once()).result()
 
 
 def cached_store(entries: int) -> Path:
@@ -26,12 +33,12 @@ def cached_store(entries: int) -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     path = CACHE / f"suppression-{entries}.db"
     if path.exists():
-        asyncio.run(schema(path))  # a cache built by an older schema is migrated once
+        schema(path)  # a cache built by an older schema is migrated once
         return path
     tmp = path.with_suffix(".building")
     for p in tmp.parent.glob(tmp.name + "*"):
         p.unlink()
-    asyncio.run(schema(tmp))
+    schema(tmp)
     started = time.perf_counter()
     con = sqlite3.connect(tmp)
     con.execute("PRAGMA journal_mode=OFF")
