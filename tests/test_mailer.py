@@ -268,12 +268,18 @@ async def test_server_dies_mid_batch_no_false_sent_and_resume_sends_each_once(
             await smtpd_server.stop()  # the server dies mid-batch
     sent = {o.email for o in outcomes if o.status == "sent"}
     received = {r for m in smtpd_server.messages for r in m.rcpt_tos}
-    assert sent == received  # never `sent` for mail the server did not accept
+    assert sent <= received  # never `sent` for mail the server did not accept
+    # The one send in flight (concurrency 1) may have been accepted by the server with its 250
+    # lost in the reset (the kernel drops unread data on RST): SMTP cannot tell that from a
+    # failure, so it is `deferred` and the resume sends it again. Nothing else may differ.
+    ambiguous = received - sent
+    assert len(ambiguous) <= 1
     # sends already in flight when the server died may complete; the rest must be deferred
     assert 5 <= len(sent) < 12
     deferred = [o for o in outcomes if o.status == "deferred"]
     assert len(sent) + len(deferred) == 12
     assert all(o.smtp_code is None and o.detail for o in deferred)
+    assert ambiguous <= {o.email for o in deferred}
 
     await smtpd_server.start()
     summary = await mailer.send_many(people, CAMPAIGN)
@@ -281,7 +287,8 @@ async def test_server_dies_mid_batch_no_false_sent_and_resume_sends_each_once(
     await transport.close()
     assert summary.counts == {"sent": len(deferred), "duplicate": len(sent)}
     all_rcpts = [r for m in smtpd_server.messages for r in m.rcpt_tos]
-    assert sorted(all_rcpts) == sorted(p.email for p in people)  # each exactly once
+    # Each exactly once, but for the ambiguous one (twice: before and after the restart).
+    assert sorted(all_rcpts) == sorted([*(p.email for p in people), *ambiguous])
     statuses = [e.status for e in await db.audit.events()]
     assert statuses.count("deferred") == len(deferred)
     assert (await db.audit.verify()).ok
