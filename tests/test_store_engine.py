@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from prospect_mailer.addresses import normalise
 from prospect_mailer.errors import ConfigError, StoreError
 from prospect_mailer.models import Prospect
-from prospect_mailer.store import CURRENT_SCHEMA_VERSION, Store, parse_url, sqlite_url
+from prospect_mailer.store import CURRENT_SCHEMA_VERSION, Store, core, parse_url, sqlite_url
 from prospect_mailer.store.engine import translate_errors
 
 EXPECTED_TABLES = {
@@ -127,6 +127,38 @@ async def test_schema_1_is_migrated_to_the_covering_lookup_index(
         for s in stores:
             await s.close()
     assert sum("from version 1 to 2" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_open_waits_for_another_process_upgrading_the_schema(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A migration holds the write lock longer than the 10 s busy timeout (about 30 s per 10M
+    suppression entries): a relay worker or a script opening the store meanwhile waits for it
+    instead of failing, and gives up only after SCHEMA_LOCK_WAIT."""
+    url = sqlite_url(tmp_path / "store.db")
+    await _make_version_1(url)
+    upgrading = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
+    upgrading.execute("BEGIN IMMEDIATE")  # as a long migration in another process would
+    opening = asyncio.ensure_future(Store.open(url))
+    await asyncio.sleep(1.0)  # five times the busy timeout the wait uses per attempt
+    assert not opening.done()
+    upgrading.execute("COMMIT")
+    store = await asyncio.wait_for(opening, 10)
+    try:
+        assert await _version(store) == CURRENT_SCHEMA_VERSION
+    finally:
+        await store.close()
+    assert any("waiting for the store's write lock" in r.getMessage() for r in caplog.records)
+
+    await _make_version_1(url)
+    monkeypatch.setattr(core, "SCHEMA_LOCK_WAIT", 0.5)
+    upgrading.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="database is locked"):
+        await Store.open(url)
+    assert time.monotonic() - started < 5
+    upgrading.execute("ROLLBACK")
+    upgrading.close()
 
 
 async def test_a_failed_migration_leaves_the_old_version(db_url: str) -> None:

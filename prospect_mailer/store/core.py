@@ -8,9 +8,11 @@ advisory lock, DDL being transactional there). A database written by a newer pro
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -18,6 +20,7 @@ from types import TracebackType
 
 from sqlalchemy import Connection, inspect, select, text, update
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlmodel import SQLModel
 
@@ -34,7 +37,7 @@ from .claims import (
     check_claim_requests,
     check_finish_requests,
 )
-from .engine import Database, create_engine, parse_url
+from .engine import SQLITE_BUSY_TIMEOUT_MS, Database, create_engine, parse_url
 from .fastread import SQLiteReader
 from .fastwrite import SQLiteWriter
 from .prospects import ProspectRegistry
@@ -49,6 +52,9 @@ log = logging.getLogger("prospect_mailer.store")
 #: 1: the first schema. 2: the suppression lookup index covers every column a lookup reads
 #: (``ix_suppression_lookup``, replacing ``ix_suppression_key_hash``).
 CURRENT_SCHEMA_VERSION = 2
+
+#: Seconds an open waits for another process creating or upgrading the schema (SQLite).
+SCHEMA_LOCK_WAIT = 900.0
 
 # Arbitrary constant naming "prospect-mailer schema creation" among advisory locks.
 _PG_SCHEMA_LOCK = 0x706D5F736368656D & 0x7FFFFFFFFFFFFFFF
@@ -76,11 +82,41 @@ def _migrate_1_to_2(conn: Connection) -> None:
 _MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2}
 
 
+async def _take_sqlite_write_lock(conn: AsyncConnection) -> None:
+    """``BEGIN IMMEDIATE``, waiting up to :data:`SCHEMA_LOCK_WAIT` seconds.
+
+    The connection's own busy timeout is 10 s, but another process may hold the lock for
+    longer while it creates or upgrades the schema (a migration of a large suppression list
+    takes about 30 s per 10M entries): this waits for it instead of failing.
+    """
+    await conn.exec_driver_sql("PRAGMA busy_timeout=200")
+    try:
+        deadline = time.monotonic() + SCHEMA_LOCK_WAIT
+        warned = False
+        while True:
+            try:
+                await conn.exec_driver_sql("BEGIN IMMEDIATE")
+                return
+            except OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                if not warned:
+                    log.warning(
+                        "waiting for the store's write lock: another process is creating or "
+                        "upgrading its schema (up to %.0f s)",
+                        SCHEMA_LOCK_WAIT,
+                    )
+                    warned = True
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+
+
 async def _ensure_schema(db: Database, conn: AsyncConnection) -> None:
     if db.dialect == "sqlite":
         # Take the write lock before looking: two processes creating the file at once
         # would otherwise both see no table and both try to create it.
-        await conn.exec_driver_sql("BEGIN IMMEDIATE")
+        await _take_sqlite_write_lock(conn)
     else:
         await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_SCHEMA_LOCK})
     found = await conn.run_sync(_read_version)

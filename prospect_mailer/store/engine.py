@@ -38,6 +38,7 @@ from sqlalchemy.pool import StaticPool
 from ..errors import ConfigError, StoreError
 
 __all__ = [
+    "SQLITE_BUSY_TIMEOUT_MS",
     "SQLITE_PRAGMAS",
     "Database",
     "create_engine",
@@ -47,8 +48,9 @@ __all__ = [
 ]
 
 #: PRAGMAs run on every new SQLite connection, in this order.
+SQLITE_BUSY_TIMEOUT_MS = 10_000
 SQLITE_PRAGMAS: tuple[tuple[str, str], ...] = (
-    ("busy_timeout", "10000"),
+    ("busy_timeout", str(SQLITE_BUSY_TIMEOUT_MS)),
     ("journal_mode", "WAL"),
     ("synchronous", "FULL"),
     ("foreign_keys", "ON"),

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import StoreError
 from .audit_records import chain_rows
-from .engine import SQLITE_PRAGMAS
+from .engine import SQLITE_BUSY_TIMEOUT_MS, SQLITE_PRAGMAS
 
 if TYPE_CHECKING:
     from .claims import ClaimRequest, ClaimResult, FinishRequest
@@ -47,7 +47,7 @@ __all__ = ["SQLiteWriter", "sqlite_datetime"]
 T = TypeVar("T")
 
 #: Seconds to wait for the database write lock (the busy timeout of every connection).
-LOCK_TIMEOUT = 10.0
+LOCK_TIMEOUT = SQLITE_BUSY_TIMEOUT_MS / 1000
 
 _RETRYABLE = ("failed", "deferred")
 _AUDIT_COLUMNS = (
@@ -104,7 +104,7 @@ def _begin_immediate(con: sqlite3.Connection, timeout: float = LOCK_TIMEOUT) -> 
             time.sleep(delay)
             delay = min(delay * 2, 0.002)
     finally:
-        con.execute(f"PRAGMA busy_timeout={int(LOCK_TIMEOUT * 1000)}")
+        con.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 
 
 class SQLiteWriter:
