@@ -7,8 +7,8 @@ the client's address and port), forks that many workers that each accept on thei
 and run a complete relay: own event loop, store connections, upstream pool. One socket shared
 by every worker would not spread the load: asyncio accepts every pending connection at each
 wake-up, so the worker that wakes first takes a whole burst (10 sessions opened at once: 8 or
-9 on one worker, measured). Where ``SO_REUSEPORT`` does not exist, the workers share one
-socket. Nothing is shared but
+9 on one worker, measured). Elsewhere than on Linux (whose ``SO_REUSEPORT`` is the one that
+balances), the workers share one socket. Nothing is shared but
 the socket and the database, and the database already serialises what must be (claims, the
 audit chain, suppression), exactly as for several relays started by hand.
 
@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait
 from types import FrameType
@@ -72,8 +73,8 @@ def event_loop_factory(choice: str) -> tuple[str, Callable[[], asyncio.AbstractE
 def bind_listeners(host: str, port: int, count: int, *, backlog: int = 1024) -> list[socket.socket]:
     """``count`` listening sockets on one ``host:port`` (port 0: the system picks one).
 
-    With ``count > 1`` and ``SO_REUSEPORT`` (Linux, the BSDs), ``count`` distinct sockets;
-    otherwise one socket, listed ``count`` times.
+    With ``count > 1`` on Linux, ``count`` distinct ``SO_REUSEPORT`` sockets; otherwise one
+    socket, listed ``count`` times.
 
     Raises:
         ConfigError: the address cannot be bound (in use, not local...).
@@ -81,7 +82,9 @@ def bind_listeners(host: str, port: int, count: int, *, backlog: int = 1024) -> 
     if count < 1:
         raise ValueError("count must be at least 1")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    reuse_port = count > 1 and hasattr(socket, "SO_REUSEPORT")
+    # Only Linux spreads connections over SO_REUSEPORT sockets; macOS and the BSDs give them
+    # all to one socket (FreeBSD's balancing option is another one), so the workers share one.
+    reuse_port = count > 1 and sys.platform.startswith("linux")
     sockets: list[socket.socket] = []
     try:
         if reuse_port and port != 0:

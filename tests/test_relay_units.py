@@ -338,6 +338,9 @@ async def test_relay_workers_share_the_port_and_stop_together(tmp_path: Path) ->
             await proc.wait()
 
 
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="only Linux balances SO_REUSEPORT sockets"
+)
 def test_worker_listeners_spread_connections_and_refuse_a_taken_port() -> None:
     listeners = bind_listeners("127.0.0.1", 0, 2)
     try:
