@@ -1,10 +1,11 @@
 """A direct read path for suppression lookups on SQLite (the RCPT-time hot path).
 
 Through SQLAlchemy's async layer a point lookup costs about 340 µs (a greenlet switch and a
-hop to aiosqlite's thread); the indexed query itself takes under 10 µs. This reader keeps one
-read-only stdlib ``sqlite3`` connection on the same file. Small lookups (a relay's RCPT, a
-handful of keys) run inline: an indexed probe of a few microseconds costs the event loop less
-than the thread hop would. Large batches run in a worker thread so the loop stays responsive.
+hop to aiosqlite's thread); the indexed query itself takes under 10 µs. This reader keeps
+read-only stdlib ``sqlite3`` connections on the same file. Small lookups (a relay's RCPT, a
+handful of keys) run inline on one of them: an indexed probe of a few microseconds costs the
+event loop less than the thread hop would. Large batches run in worker threads, on the others,
+so the loop stays responsive.
 WAL mode lets this reader see every committed write at once; no caching, so nothing can be
 stale.
 
@@ -78,13 +79,17 @@ class SQLiteReader:
         count = min(2, os.cpu_count() or 1) if parallel is None else parallel
         if count < 1:
             raise ValueError("parallel must be at least 1")
+        opened: list[sqlite3.Connection] = []
         try:
             # One connection, used from the loop thread or a worker thread, never both at once.
-            self._con = _connect(path)
-            self._json = _has_json(self._con)
-            parts = [_connect(path) for _ in range(count)]
+            for _ in range(1 + count):
+                opened.append(_connect(path))
+            self._json = _has_json(opened[0])
         except sqlite3.Error as exc:
+            for con in opened:
+                con.close()
             raise StoreError(f"opening the suppression reader: {exc}") from exc
+        self._con, parts = opened[0], opened[1:]
         self._lock = threading.Lock()
         # Batch parts: each worker thread takes a free connection, so none is shared.
         self._parts: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
@@ -173,12 +178,14 @@ class SQLiteReader:
         ordered = sorted(keys)
         size = -(-len(ordered) // count)
         loop = asyncio.get_running_loop()
-        parts = await asyncio.gather(
-            *(
+        try:
+            jobs = [
                 loop.run_in_executor(self._pool, self._query_part, ordered[i : i + size])
                 for i in range(0, len(ordered), size)
-            )
-        )
+            ]
+        except RuntimeError as exc:  # the pool is shut down: the reader was closed
+            raise StoreError("suppression lookup failed: the store is closed") from exc
+        parts = await asyncio.gather(*jobs)
         return [row for part in parts for row in part]
 
     def set_trace(self, callback: Callable[[str], object] | None) -> None:

@@ -309,8 +309,10 @@ class SuppressionList:
     async def lookup(self, keys: Sequence[str]) -> dict[str, list[SuppressionHit]]:
         """Every entry for any of ``keys`` (address keys and domain keys mixed).
 
-        One indexed ``WHERE key_hash IN (...)`` query per call (split only above 900 keys).
-        No scope filtering: the policy decides which hits apply to a send.
+        Indexed ``WHERE key_hash IN (...)`` queries of at most 900 keys: one for a few keys;
+        on SQLite a large batch is split in parts read in parallel (see
+        :mod:`~prospect_mailer.store.fastread`). No scope filtering: the policy decides which
+        hits apply to a send.
 
         Returns:
             ``{key: [hits]}`` for the keys that have at least one entry; keys without an entry
