@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
 
-from .models import Campaign, Decision, Prospect, RecipientType, RuleResult
+from .models import Campaign, Decision, Prospect, RecipientType, RuleOutcome, RuleResult
 
 __all__ = [
     "ARTICLE14_NOTICE_DELAY",
@@ -87,20 +87,27 @@ class Rule:
     check: Callable[[_Ctx], RuleResult] = field(repr=False)
 
 
-# Results are immutable values, and most are the same few per rule: each is built once (a
-# pydantic model costs about 1 µs; every send decides eleven rules, twice in the relay).
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=128)
+def _plain(rule_id: str, outcome: RuleOutcome) -> RuleResult:
+    """A result without a reason: an immutable value, built once per rule and outcome (a
+    pydantic model costs about 1 µs, and every send decides eleven rules, twice in the relay).
+    Results with a reason (often the prospect's own data) are not kept."""
+    return RuleResult(rule_id=rule_id, outcome=outcome)
+
+
 def _ok(rule_id: str, reason: str = "") -> RuleResult:
+    if not reason:
+        return _plain(rule_id, "pass")
     return RuleResult(rule_id=rule_id, outcome="pass", reason=reason)
 
 
-@lru_cache(maxsize=4096)
 def _fail(rule_id: str, reason: str) -> RuleResult:
     return RuleResult(rule_id=rule_id, outcome="fail", reason=reason)
 
 
-@lru_cache(maxsize=4096)
 def _na(rule_id: str, reason: str = "") -> RuleResult:
+    if not reason:
+        return _plain(rule_id, "not_applicable")
     return RuleResult(rule_id=rule_id, outcome="not_applicable", reason=reason)
 
 
