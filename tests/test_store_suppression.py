@@ -19,6 +19,7 @@ from prospect_mailer.addresses import domain_key, domain_keys_for, normalise
 from prospect_mailer.errors import InvalidAddressError, InvalidInputError
 from prospect_mailer.models import SuppressionScope
 from prospect_mailer.store import Store, SuppressionHit
+from prospect_mailer.store.fastread import SQLiteReader
 
 
 def _hashes(n: int, salt: str = "") -> list[str]:
@@ -128,24 +129,24 @@ async def test_lookup_returns_address_and_domain_hits_in_one_query(store: Store)
     assert selects == []
 
 
-async def test_lookup_chunks_only_above_900_keys(store: Store) -> None:
+async def test_lookup_statements_hold_at_most_900_keys(store: Store) -> None:
     keys = _hashes(1801)
     await store.suppression.add_hashes(
         keys[::100], kind="address", scope="global", scope_value="", reason="import",
         source="import:feed.csv",
     )  # fmt: skip
     reader = store.suppression.reader
-    # SQLite: a batch is first split in parts read in parallel (see fastread), each part
-    # then in statements of at most 900 keys. PostgreSQL: statements of 900 keys.
-    parts = 1 if reader is None else reader.parallel
+    # PostgreSQL: statements of 900 keys. SQLite: a batch is first split in parts read in
+    # parallel (see fastread), 900 keys in two parts of 450, 1,801 in parts of 901 and 900,
+    # then each part in statements of at most 900 keys.
+    expected = {None: (1, 3), 1: (1, 3), 2: (2, 3)}[None if reader is None else reader.parallel]
     with count_selects(store) as selects:
         hits = await store.suppression.lookup(keys[:900])
-    assert len(selects) == parts
+    assert len(selects) == expected[0]
     assert len(hits) == 9
     with count_selects(store) as selects:
         hits = await store.suppression.lookup(keys)
-    size = -(-len(keys) // parts)
-    assert len(selects) == sum(-(-len(keys[i : i + size]) // 900) for i in range(0, 1801, size))
+    assert len(selects) == expected[1]
     assert set(hits) == set(keys[::100])
 
 
@@ -250,13 +251,11 @@ async def test_concurrent_adds_from_two_stores_converge(open_store: OpenStore) -
 
 async def test_sqlite_parallel_batches_read_what_a_plain_query_reads(tmp_path: Path) -> None:
     """The direct reader's parallel JSON parts, and its row-by-row fallback (SQLite builds
-    without JSON functions), return exactly the rows of one plain query."""
+    without JSON functions), return exactly the rows of one plain query, every column."""
     path = tmp_path / "pm.db"
     keys = _hashes(2500)
     async with Store.connect(path) as store:
         s = store.suppression
-        assert s.reader is not None
-        assert s.reader.parallel >= 1
         for n, (scope, value, source) in enumerate(
             [
                 ("global", "", 'import:"quoted" \\ back, slash'),
@@ -268,23 +267,23 @@ async def test_sqlite_parallel_batches_read_what_a_plain_query_reads(tmp_path: P
                 keys[n::7], kind="address", scope=scope, scope_value=value,  # type: ignore[arg-type]
                 reason="import", source=source,
             )  # fmt: skip
-        wanted = [*keys, *_hashes(500, "absent")]
-        parallel = await s.lookup(wanted)
-        s.reader._json = False  # as on a SQLite without JSON functions
-        rows = await s.lookup(wanted)
+        hits = await s.lookup(keys)
+    wanted = [*keys, *_hashes(500, "absent")]
     con = sqlite3.connect(path)
-    plain: dict[str, set[tuple[str, ...]]] = {}
-    for kind, key, scope, value, reason, source in con.execute(
-        "SELECT kind, key_hash, scope, scope_value, reason, source FROM suppression"
-    ):
-        plain.setdefault(key, set()).add((kind, scope, value, reason, source))
+    plain = sorted(
+        con.execute(
+            "SELECT kind, key_hash, scope, scope_value, reason, source, created_at FROM suppression"
+        )
+    )
     con.close()
-
-    def shape(found: dict[str, list[SuppressionHit]]) -> dict[str, set[tuple[str, ...]]]:
-        return {
-            k: {(h.kind, h.scope, h.scope_value, h.reason, h.source) for h in hits}
-            for k, hits in found.items()
-        }
-
-    assert shape(parallel) == shape(rows) == plain
-    assert len(plain) == len({*keys[0::7], *keys[1::7], *keys[2::7]})
+    assert len(plain) == len(keys[0::7]) + len(keys[1::7]) + len(keys[2::7])
+    reader = SQLiteReader(str(path), parallel=3)
+    try:
+        parallel = sorted(tuple(r) for r in await reader.lookup(wanted))
+        reader._json = False  # as on a SQLite without JSON functions
+        rows = sorted(tuple(r) for r in await reader.lookup(wanted))
+    finally:
+        reader.close()
+    assert parallel == rows == plain
+    # And the store turns each row into one hit.
+    assert sum(len(h) for h in hits.values()) == len(plain)
