@@ -196,3 +196,29 @@ def test_writer_gives_up_on_a_lock_held_too_long(tmp_path: Path) -> None:
     assert con.execute("PRAGMA busy_timeout").fetchone() == (10000,)
     holder.close()
     con.close()
+
+
+async def test_orm_writes_take_the_lock_as_soon_as_another_process_frees_it(
+    tmp_path: Path,
+) -> None:
+    """Writes through SQLAlchemy (unsubscribes, imports, the CLI) poll for the write lock as
+    the direct writer does: an objection does not wait out SQLite's 100 ms sleeps while a
+    relay commits hundreds of times a second."""
+    path = tmp_path / "pm.db"
+    async with Store.connect(sqlite_url(path)) as store:
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")
+        adding = asyncio.ensure_future(
+            store.suppression.add_address(
+                "ann@example.com", scope_value="acme", reason="unsubscribe", source="web"
+            )
+        )
+        await asyncio.sleep(0.36)  # SQLite's own handler would retry at 428 ms
+        assert not adding.done()
+        released = time.monotonic()
+        other.execute("COMMIT")
+        assert await adding is True
+        waited = time.monotonic() - released
+        other.close()
+        assert await store.suppression.count() == 1
+    assert waited < 0.05

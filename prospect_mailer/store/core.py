@@ -8,11 +8,9 @@ advisory lock, DDL being transactional there). A database written by a newer pro
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -20,7 +18,6 @@ from types import TracebackType
 
 from sqlalchemy import Connection, inspect, select, text, update
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlmodel import SQLModel
 
@@ -37,7 +34,7 @@ from .claims import (
     check_claim_requests,
     check_finish_requests,
 )
-from .engine import SQLITE_BUSY_TIMEOUT_MS, Database, create_engine, parse_url
+from .engine import Database, create_engine, parse_url
 from .fastread import SQLiteReader
 from .fastwrite import SQLiteWriter
 from .prospects import ProspectRegistry
@@ -82,42 +79,11 @@ def _migrate_1_to_2(conn: Connection) -> None:
 _MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2}
 
 
-async def _take_sqlite_write_lock(conn: AsyncConnection) -> None:
-    """``BEGIN IMMEDIATE``, waiting up to :data:`SCHEMA_LOCK_WAIT` seconds.
-
-    The connection's own busy timeout is 10 s, but another process may hold the lock for
-    longer while it creates or upgrades the schema (a migration of a large suppression list
-    takes about 30 s per 10M entries): this waits for it instead of failing.
-    """
-    await conn.exec_driver_sql("PRAGMA busy_timeout=200")
-    try:
-        deadline = time.monotonic() + SCHEMA_LOCK_WAIT
-        warned = False
-        while True:
-            try:
-                await conn.exec_driver_sql("BEGIN IMMEDIATE")
-                return
-            except OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                if not warned:
-                    log.warning(
-                        "waiting for the store's write lock: another process is creating or "
-                        "upgrading its schema (up to %.0f s)",
-                        SCHEMA_LOCK_WAIT,
-                    )
-                    warned = True
-            await asyncio.sleep(0.05)
-    finally:
-        await conn.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-
-
 async def _ensure_schema(db: Database, conn: AsyncConnection) -> None:
-    if db.dialect == "sqlite":
-        # Take the write lock before looking: two processes creating the file at once
-        # would otherwise both see no table and both try to create it.
-        await _take_sqlite_write_lock(conn)
-    else:
+    # SQLite: the transaction already holds the write lock (taken before looking: two
+    # processes creating the file at once would otherwise both see no table and both try to
+    # create it). PostgreSQL: DDL is transactional; an advisory lock serialises the openers.
+    if db.dialect != "sqlite":
         await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_SCHEMA_LOCK})
     found = await conn.run_sync(_read_version)
     if found is not None and found > CURRENT_SCHEMA_VERSION:
@@ -224,7 +190,13 @@ class Store:
             )
         )
         try:
-            async with db.transaction(f"opening the store at {parsed.render_as_string()}") as conn:
+            # Another process may be creating or upgrading the schema (a migration of a large
+            # suppression list holds the lock about 30 s per 10M entries): wait for it.
+            async with db.transaction(
+                f"opening the store at {parsed.render_as_string()}",
+                lock_wait=SCHEMA_LOCK_WAIT,
+                waiting="another process is creating or upgrading its schema",
+            ) as conn:
                 await _ensure_schema(db, conn)
             # SQLite file: the per-send hot path reads and writes through its own stdlib
             # connections (fastread, fastwrite), off SQLAlchemy.
