@@ -287,6 +287,20 @@ class Database:
         self.engine = engine
         self.dialect: str = engine.dialect.name
         self.closed = False
+        # An in-memory SQLite database is one connection shared by every task: a task's
+        # transaction (or a read's rollback on exit) would otherwise end another's halfway,
+        # losing writes already reported as done. There, one task at a time.
+        self._one_at_a_time = (
+            asyncio.Lock() if isinstance(engine.sync_engine.pool, StaticPool) else None
+        )
+
+    @asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
+        if self._one_at_a_time is None:
+            yield
+            return
+        async with self._one_at_a_time:
+            yield
 
     def _check_open(self, what: str) -> None:
         if self.closed:
@@ -307,7 +321,7 @@ class Database:
         """
         self._check_open(what)
         with translate_errors(what):
-            async with self.engine.begin() as conn:
+            async with self._turn(), self.engine.begin() as conn:
                 if self.dialect == "sqlite":
                     await _take_sqlite_write_lock(conn, lock_wait, waiting)
                 yield conn
@@ -317,7 +331,7 @@ class Database:
         """A connection for reads (rolled back on exit), errors translated."""
         self._check_open(what)
         with translate_errors(what):
-            async with self.engine.connect() as conn:
+            async with self._turn(), self.engine.connect() as conn:
                 yield conn
 
     def insert(self, table: Table) -> postgresql.Insert | sqlite.Insert:
