@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import StoreError
 from .audit_records import chain_rows
-from .engine import SQLITE_BUSY_TIMEOUT_MS, SQLITE_PRAGMAS
+from .engine import SQLITE_BUSY_TIMEOUT_MS, SQLITE_PRAGMAS, WRITE_LOCK_WAIT
 
 if TYPE_CHECKING:
     from .claims import ClaimRequest, ClaimResult, FinishRequest
@@ -45,9 +45,6 @@ if TYPE_CHECKING:
 __all__ = ["SQLiteWriter", "sqlite_datetime"]
 
 T = TypeVar("T")
-
-#: Seconds to wait for the database write lock (the busy timeout of every connection).
-LOCK_TIMEOUT = SQLITE_BUSY_TIMEOUT_MS / 1000
 
 _RETRYABLE = ("failed", "deferred")
 _AUDIT_COLUMNS = (
@@ -83,7 +80,7 @@ def sqlite_datetime(value: datetime) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
-def _begin_immediate(con: sqlite3.Connection, timeout: float = LOCK_TIMEOUT) -> None:
+def _begin_immediate(con: sqlite3.Connection, timeout: float = WRITE_LOCK_WAIT) -> None:
     """``BEGIN IMMEDIATE``, retried while another connection holds the write lock.
 
     Raises:
