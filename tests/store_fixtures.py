@@ -10,6 +10,7 @@ self-contained: anything given it (a second Store, a CLI subprocess) sees the sa
 from __future__ import annotations
 
 import os
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -24,6 +25,17 @@ from prospect_mailer.store import Store, sqlite_url
 POSTGRES_ENV = "PROSPECT_MAILER_TEST_POSTGRES_URL"
 
 OpenStore = Callable[[], Awaitable[Store]]
+
+
+def behind_the_stores_back(path: Path, statement: str) -> None:
+    """Run ``statement`` on the SQLite file at ``path`` as another process would (to break
+    the store under a test)."""
+    con = sqlite3.connect(path)
+    try:
+        con.execute(statement)
+        con.commit()
+    finally:
+        con.close()
 
 
 def postgres_base_url() -> str | None:

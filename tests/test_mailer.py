@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from factories import BASE, CAMPAIGN, KEY, NOW, b2b
 from smtp_fixtures import SMTPTestServer
+from store_fixtures import behind_the_stores_back
 
 from prospect_mailer.compliance import FooterRenderer
 from prospect_mailer.config import load_settings
@@ -311,10 +312,8 @@ async def test_store_failure_fails_closed(tmp_path: Path) -> None:
     transport = MemoryTransport()
     async with Store.connect(f"sqlite+aiosqlite:///{path}") as store:
         mailer = make_mailer(store, transport)
-        con = sqlite3.connect(path)
-        con.execute("DROP TABLE suppression")  # the store breaks under the mailer
-        con.commit()
-        con.close()
+        # The store breaks under the mailer.
+        behind_the_stores_back(path, "DROP TABLE suppression")
         outcome = await mailer.send(b2b("a@x.example"), CAMPAIGN)
         await mailer.close()
     assert outcome.status == "failed"
@@ -519,10 +518,8 @@ async def test_audit_failure_before_sending_leaves_no_claim_and_sends_nothing(
     transport = MemoryTransport()
     async with Store.connect(f"sqlite+aiosqlite:///{path}") as store:
         mailer = make_mailer(store, transport)
-        con = sqlite3.connect(path)
-        con.execute("DELETE FROM audit_head")  # the `pending` record cannot be written
-        con.commit()
-        con.close()
+        # The `pending` record cannot be written.
+        behind_the_stores_back(path, "DELETE FROM audit_head")
         outcome = await mailer.send(b2b("a@x.example"), CAMPAIGN)
         await mailer.close()
         assert outcome.status == "failed"

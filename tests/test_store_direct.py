@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from store_fixtures import behind_the_stores_back
 
 from prospect_mailer.errors import StoreError
 from prospect_mailer.store import (
@@ -138,10 +139,7 @@ async def test_send_result_is_one_transaction(pair: tuple[Store, Store], tmp_pat
 async def test_database_errors_become_store_errors(tmp_path: Path) -> None:
     path = tmp_path / "pm.db"
     async with Store.connect(sqlite_url(path)) as store:
-        con = sqlite3.connect(path)
-        con.execute("DROP TABLE send_claims")
-        con.commit()
-        con.close()
+        behind_the_stores_back(path, "DROP TABLE send_claims")
         with pytest.raises(StoreError, match="claiming sends failed: OperationalError"):
             await store.claims.claim_many([request("s1")])
     with pytest.raises(StoreError, match="closed"):
@@ -152,10 +150,7 @@ async def test_a_claim_never_exists_without_its_record(tmp_path: Path) -> None:
     """SQLite: claim and `pending` record in one transaction; a failed record undoes it."""
     path = tmp_path / "pm.db"
     async with Store.connect(sqlite_url(path)) as store:
-        con = sqlite3.connect(path)
-        con.execute("DELETE FROM audit_head")  # appending records will fail
-        con.commit()
-        con.close()
+        behind_the_stores_back(path, "DELETE FROM audit_head")  # appending records will fail
         with pytest.raises(StoreError, match="chain head is missing"):
             await store.claim_and_record([request("s1")], lambda rs: [event("s1", "pending")])
         assert await store.claims.statuses("spring", 1, [R1]) == {}
