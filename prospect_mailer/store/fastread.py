@@ -25,7 +25,7 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -45,6 +45,13 @@ _SELECT_JSON = (
 )
 #: A batch is split in parts of at least this many keys, one per parallel connection.
 PART_MIN_KEYS = 200
+
+
+def _chunks(keys: Sequence[str]) -> Iterator[tuple[list[str], str]]:
+    """``keys`` in statements' worth (900 at most), each with its ``?,?,...`` placeholders."""
+    for start in range(0, len(keys), _CHUNK):
+        chunk = list(keys[start : start + _CHUNK])
+        yield chunk, ",".join("?" * len(chunk))
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -106,9 +113,7 @@ class SQLiteReader:
     def _select(self, con: sqlite3.Connection, keys: Sequence[str], aggregate: bool) -> list[Any]:
         rows: list[Any] = []
         try:
-            for start in range(0, len(keys), _CHUNK):
-                chunk = list(keys[start : start + _CHUNK])
-                marks = ",".join("?" * len(chunk))
+            for chunk, marks in _chunks(keys):
                 if aggregate and self._json:
                     ((text,),) = con.execute(_SELECT_JSON.format(marks=marks), chunk).fetchall()
                     rows += json.loads(text)
@@ -159,10 +164,8 @@ class SQLiteReader:
         if "IN (?*)" not in sql:
             raise ValueError("fetch_in needs an 'IN (?*)' marker")
         rows: list[Any] = []
-        for start in range(0, len(keys), _CHUNK):
-            chunk = list(keys[start : start + _CHUNK])
-            text = sql.replace("IN (?*)", f"IN ({','.join('?' * len(chunk))})")
-            rows += await self.fetch(text, [*params, *chunk])
+        for chunk, marks in _chunks(keys):
+            rows += await self.fetch(sql.replace("IN (?*)", f"IN ({marks})"), [*params, *chunk])
         return rows
 
     async def lookup(self, keys: Sequence[str]) -> list[Any]:
