@@ -22,6 +22,7 @@ Each server fixture yields an :class:`SMTPTestServer`::
         assert smtpd_server.connections == 1
 
 Recorded: ``messages`` (:class:`ReceivedMessage`), ``commands`` (``(verb, argument)``),
+``ahead`` (``(verb, bytes the client had sent beyond it)``: pipelined commands),
 ``replies`` (every line the server sent), ``connections`` (accepted so far),
 ``open_connections`` (open now), ``auth_attempts`` (``(mechanism, login, success)``).
 TLS servers also expose ``username``, ``password`` and ``client_tls_context``.
@@ -37,6 +38,7 @@ or set at run time on the server object (they take effect at the next command)::
     server.fail_rcpt = {"x@y.com": "550 5.1.1 no such user"}  # per recipient
     server.rcpt_reply / server.fail_mail / server.data_reply = "4xx/5xx ..."  # every one
     server.data_delay = 2.0            # seconds before replying to the message content
+    server.pipelining = False          # do not offer PIPELINING (new connections)
     server.disconnect_on_data = True   # drop the connection once the content is received
     server.drop_on_mail = 1            # drop the connection on the next N MAIL commands
     server.fail_after_n_messages = 3   # then reply ``after_n_reply`` (421, closing) to MAIL
@@ -121,6 +123,7 @@ class SMTPTestServer:
         self.messages: list[ReceivedMessage] = []
         self.commands: list[tuple[str, str | None]] = []
         self.replies: list[str] = []
+        self.ahead: list[tuple[str, bytes]] = []  # (verb, bytes already received after it)
         self.auth_attempts: list[tuple[str, str, bool]] = []  # (mechanism, login, success)
         self.connections = 0
         # faults
@@ -134,6 +137,9 @@ class SMTPTestServer:
         self.fail_after_n_messages: int | None = None
         self.after_n_reply = "421 4.3.2 service shutting down"
         self.idle_timeout = 300.0
+        # Offer PIPELINING (RFC 2920) in EHLO, as Postfix does; aiosmtpd reads pipelined
+        # commands one by one anyway. False: the client must wait for each reply.
+        self.pipelining = True
         self._server: asyncio.Server | None = None
         self._sessions: set[_RecordingSMTP] = set()
 
@@ -210,6 +216,19 @@ class SMTPTestServer:
 
     # aiosmtpd handler hooks
 
+    async def handle_EHLO(
+        self,
+        server: AiosmtpdSMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname  # this hook's job, once it exists
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")  # before the last line, "250 HELP"
+        return responses
+
     async def handle_MAIL(
         self,
         server: _RecordingSMTP,
@@ -271,6 +290,8 @@ def _recorded(verb: str) -> Callable[..., Coroutine[Any, Any, None]]:
     @functools.wraps(original)  # keeps aiosmtpd's @syntax attributes, which HELP reads
     async def method(self: _RecordingSMTP, arg: str | None) -> None:
         self.owner.commands.append((verb, arg))
+        # What the client had already sent beyond this command: pipelined commands.
+        self.owner.ahead.append((verb, bytes(getattr(self._reader, "_buffer", b""))))
         await original(self, arg)
 
     return method

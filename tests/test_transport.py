@@ -4,6 +4,7 @@ and memory. Faults are injected into the server, never by mocking the client."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import email
 import email.policy
@@ -77,11 +78,21 @@ async def make_smtp() -> AsyncIterator[MakeSMTP]:
         await transport.close()
 
 
+@pytest.fixture(params=[True, False], ids=["pipelined", "one-by-one"])
+def pipelined(request: pytest.FixtureRequest, smtpd_server: SMTPTestServer) -> bool:
+    """Run the test with a server that offers PIPELINING (the client writes MAIL, RCPT and DATA
+    at once) and with one that does not (aiosmtplib's command-by-command path)."""
+    smtpd_server.pipelining = request.param
+    return bool(request.param)
+
+
 # --- SMTP: delivery --------------------------------------------------------------------------
 
 
 async def test_message_arrives_with_envelope_and_bytes_unchanged(
-    smtpd_server: SMTPTestServer, make_smtp: MakeSMTP
+    smtpd_server: SMTPTestServer,
+    make_smtp: MakeSMTP,
+    pipelined: bool,
 ) -> None:
     transport = make_smtp(smtpd_server)
     message = make_message()
@@ -217,7 +228,9 @@ async def test_connection_closed_by_server_while_idle_is_replaced(
 
 
 async def test_dead_pooled_connection_is_retried_once_without_duplicate(
-    smtpd_server: SMTPTestServer, make_smtp: MakeSMTP
+    smtpd_server: SMTPTestServer,
+    make_smtp: MakeSMTP,
+    pipelined: bool,
 ) -> None:
     transport = make_smtp(smtpd_server)
     await transport.send(make_message(1), sender=SENDER, recipients=[TO])
@@ -248,7 +261,9 @@ async def test_connections_dropped_by_server_are_replaced(
 
 
 async def test_no_retry_once_data_was_sent(
-    smtpd_server: SMTPTestServer, make_smtp: MakeSMTP
+    smtpd_server: SMTPTestServer,
+    make_smtp: MakeSMTP,
+    pipelined: bool,
 ) -> None:
     transport = make_smtp(smtpd_server)
     await transport.send(make_message(1), sender=SENDER, recipients=[TO])
@@ -264,7 +279,9 @@ async def test_no_retry_once_data_was_sent(
 
 @pytest.mark.smtp_fault("disconnect_on_data")
 async def test_disconnect_on_data_on_a_fresh_connection(
-    smtpd_server: SMTPTestServer, make_smtp: MakeSMTP
+    smtpd_server: SMTPTestServer,
+    make_smtp: MakeSMTP,
+    pipelined: bool,
 ) -> None:
     with pytest.raises(TransportTemporaryError):
         await make_smtp(smtpd_server).send(make_message(), sender=SENDER, recipients=[TO])
@@ -290,7 +307,9 @@ async def test_server_down_then_back(smtpd_server: SMTPTestServer, make_smtp: Ma
 
 
 async def test_server_that_stops_accepting_mid_batch(
-    smtpd_server: SMTPTestServer, make_smtp: MakeSMTP
+    smtpd_server: SMTPTestServer,
+    make_smtp: MakeSMTP,
+    pipelined: bool,
 ) -> None:
     smtpd_server.fail_after_n_messages = 2
     transport = make_smtp(smtpd_server)
@@ -316,7 +335,9 @@ async def test_connection_refused_is_temporary(
 
 @pytest.mark.smtp_fault("slow_data")
 async def test_timeout_is_temporary_and_fast(
-    smtpd_server: SMTPTestServer, make_smtp: MakeSMTP
+    smtpd_server: SMTPTestServer,
+    make_smtp: MakeSMTP,
+    pipelined: bool,
 ) -> None:
     transport = make_smtp(smtpd_server, timeout=0.5)
     started = time.monotonic()
@@ -344,7 +365,11 @@ async def test_timeout_is_temporary_and_fast(
     ],
 )
 async def test_refusals_map_to_temporary_or_permanent(
-    smtpd_server: SMTPTestServer, make_smtp: MakeSMTP, error: type[TransportError], code: int
+    smtpd_server: SMTPTestServer,
+    make_smtp: MakeSMTP,
+    error: type[TransportError],
+    code: int,
+    pipelined: bool,
 ) -> None:
     transport = make_smtp(smtpd_server)
 
@@ -369,7 +394,9 @@ async def test_marker_reply_override(smtpd_server: SMTPTestServer, make_smtp: Ma
 
 
 async def test_partial_refusal_is_reported_in_delivery(
-    smtpd_server: SMTPTestServer, make_smtp: MakeSMTP
+    smtpd_server: SMTPTestServer,
+    make_smtp: MakeSMTP,
+    pipelined: bool,
 ) -> None:
     smtpd_server.fail_rcpt = {"nobody@client.example": "550 5.1.1 no such user"}
 
@@ -394,6 +421,7 @@ async def test_every_recipient_refused(
     make_smtp: MakeSMTP,
     replies: list[str],
     error: type[TransportError],
+    pipelined: bool,
 ) -> None:
     rcpts = ["a@client.example", "b@client.example"]
     smtpd_server.fail_rcpt = dict(zip(rcpts, replies, strict=True))
@@ -426,8 +454,12 @@ async def test_unsafe_envelope_refused_before_connecting(
 # --- SMTP: TLS and AUTH ------------------------------------------------------------------------
 
 
-async def test_starttls_and_auth(smtpd_tls_server: SMTPTestServer, make_smtp: MakeSMTP) -> None:
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_starttls_and_auth(
+    smtpd_tls_server: SMTPTestServer, make_smtp: MakeSMTP, pipelining: bool
+) -> None:
     server = smtpd_tls_server
+    server.pipelining = pipelining
     url = f"smtp+starttls://{server.username}:{server.password}@127.0.0.1:{server.port}"
     transport = SMTPTransport.from_url(url, tls_context=server.client_tls_context, timeout=5)
     try:
@@ -440,6 +472,9 @@ async def test_starttls_and_auth(smtpd_tls_server: SMTPTestServer, make_smtp: Ma
     assert server.commands_named("STARTTLS") == [None]
     assert server.auth_attempts == [("PLAIN", "prospect", True)]  # once per connection
     assert server.connections == 1
+    # Over TLS too, the envelope goes in one write when the server offers PIPELINING.
+    ahead = [rest for verb, rest in server.ahead if verb == "MAIL"]
+    assert [b"DATA\r\n" in rest for rest in ahead] == [pipelining, pipelining]
 
 
 async def test_starttls_is_required_by_the_server(
@@ -729,3 +764,180 @@ async def test_mail_and_rcpt_commands_on_both_address_paths(
     smtpd_server.fail_rcpt[recipient] = "550 5.1.1 no such user"
     with pytest.raises(TransportPermanentError, match="no such user"):
         await transport.send(make_message(), sender=sender, recipients=[recipient])
+
+
+# --- SMTP: pipelining (RFC 2920) ------------------------------------------------------------
+
+
+async def test_pipelining_writes_the_envelope_at_once(
+    smtpd_server: SMTPTestServer, make_smtp: MakeSMTP, pipelined: bool
+) -> None:
+    transport = make_smtp(smtpd_server)
+    rcpts = [TO, "autre@client.example"]
+    for n in range(2):
+        await transport.send(make_message(n), sender=SENDER, recipients=rcpts)
+
+    ahead = dict(smtpd_server.ahead[-4:])  # MAIL, RCPT, RCPT, DATA of the second message
+    if pipelined:  # when MAIL was read, both RCPT and DATA had already arrived
+        assert ahead["MAIL"] == b"".join(b"RCPT TO:<%s>\r\n" % r.encode() for r in rcpts) + (
+            b"DATA\r\n"
+        )
+    else:
+        assert ahead["MAIL"] == b""
+    # The same bytes arrive either way, the message only once DATA was accepted.
+    assert [m.data for m in smtpd_server.messages] == [
+        wire_bytes(make_message(0)),
+        wire_bytes(make_message(1)),
+    ]
+    assert [m.rcpt_tos for m in smtpd_server.messages] == [rcpts, rcpts]
+    size = len(wire_bytes(make_message(1)))
+    assert smtpd_server.commands_named("MAIL")[-1].lower() == f"from:<{SENDER}> size={size}"
+    assert smtpd_server.connections == 1
+
+
+Answer = Callable[[bytes], "bytes | None"]
+
+
+@contextlib.asynccontextmanager
+async def scripted_smtp(answer: Answer, *, dribble: bool = False) -> AsyncIterator[int]:
+    """A bare SMTP server on 127.0.0.1 whose replies are a script: ``answer(line)`` gives the
+    bytes to write back for each line received (``b""``: nothing; ``None``: hang up; after a
+    421 reply it hangs up too). With ``dribble``, replies go out one byte per write. Yields
+    the port."""
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 scripted ESMTP\r\n")
+        try:
+            while line := await reader.readline():
+                out = answer(line)
+                if out is None:
+                    break
+                for chunk in [out[i : i + 1] for i in range(len(out))] if dribble else [out]:
+                    writer.write(chunk)
+                    await writer.drain()
+                if out.startswith(b"421"):
+                    break
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(session, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def script(
+    received: list[bytes], *, mail: bytes = b"250 ok", rcpt: bytes = b"250 ok",
+    data: bytes = b"354 go on", end: bytes = b"250 queued",
+) -> Answer:  # fmt: skip
+    """A server offering PIPELINING with these replies; records every line in ``received``."""
+    in_body = False
+
+    def answer(line: bytes) -> bytes | None:
+        nonlocal in_body
+        received.append(line)
+        if in_body:
+            if line == b".\r\n":
+                in_body = False
+                return end + b"\r\n"
+            return b""
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            return b"250-scripted\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+        if verb == b"MAIL":
+            return mail + b"\r\n"
+        if verb == b"RCPT":
+            return rcpt + b"\r\n"
+        if verb == b"DATA":
+            in_body = data.startswith(b"354")
+            return data + b"\r\n"
+        if verb == b"QUIT":
+            return None
+        return b"250 ok\r\n"  # RSET, NOOP
+
+    return answer
+
+
+async def test_pipelined_replies_dribbled_byte_by_byte() -> None:
+    received: list[bytes] = []
+    async with (
+        scripted_smtp(script(received), dribble=True) as port,
+        SMTPTransport("127.0.0.1", port, timeout=5) as transport,
+    ):
+        for n in range(2):
+            delivery = await transport.send(make_message(n), sender=SENDER, recipients=[TO])
+            assert (delivery.code, delivery.reply) == (250, "queued")
+    assert received.count(b".\r\n") == 2
+    assert sum(line.startswith(b"EHLO") for line in received) == 1  # one connection reused
+
+
+async def test_data_accepted_despite_every_recipient_refused_is_ended_empty() -> None:
+    """RFC 2920 3.1: the client must check every reply; a 354 after refused recipients gets
+    a lone dot (an empty message nobody receives), then RSET."""
+    received: list[bytes] = []
+    answer = script(received, rcpt=b"550 5.1.1 no such user", end=b"554 5.5.1 no recipients")
+    async with (
+        scripted_smtp(answer) as port,
+        SMTPTransport("127.0.0.1", port, timeout=5) as transport,
+    ):
+        with pytest.raises(TransportPermanentError) as caught:
+            await transport.send(make_message(), sender=SENDER, recipients=[TO])
+    assert caught.value.code == 550
+    after_data = received[received.index(b"DATA\r\n") + 1 :]
+    assert after_data[:2] == [b".\r\n", b"RSET\r\n"]  # not one line of the message
+    assert not any(line.startswith(b"Subject") for line in received)
+
+
+async def test_mail_refused_with_421_and_a_hang_up_mid_pipeline() -> None:
+    """The server answers MAIL and hangs up with RCPT and DATA unanswered: its reply is the
+    error, not the lost connection."""
+    received: list[bytes] = []
+    answer = script(received, mail=b"421 4.3.2 shutting down")
+    async with (
+        scripted_smtp(answer) as port,
+        SMTPTransport("127.0.0.1", port, timeout=5) as transport,
+    ):
+        with pytest.raises(TransportTemporaryError) as caught:
+            await transport.send(make_message(), sender=SENDER, recipients=[TO])
+    assert (caught.value.code, caught.value.reply) == (421, "4.3.2 shutting down")
+    assert b"RSET\r\n" not in received  # 421: the connection is closed, not reset
+
+
+@pytest.mark.parametrize(
+    ("replies", "expected"),
+    [
+        ({"data": b"no status code here"}, "Malformed SMTP response line"),
+        ({"end": b"\x00garbage"}, "Malformed SMTP response line"),
+    ],
+)
+async def test_malformed_replies_are_temporary_and_the_connection_dropped(
+    replies: dict[str, bytes], expected: str
+) -> None:
+    received: list[bytes] = []
+    async with (
+        scripted_smtp(script(received, **replies)) as port,
+        SMTPTransport("127.0.0.1", port, timeout=5) as transport,
+    ):
+        with pytest.raises(TransportTemporaryError, match=expected):
+            await transport.send(make_message(), sender=SENDER, recipients=[TO])
+        assert transport._idle == []  # never pooled again
+
+
+async def test_no_reply_to_the_envelope_times_out() -> None:
+    received: list[bytes] = []
+    base = script(received)
+
+    def silent_on_data(line: bytes) -> bytes | None:
+        out = base(line)
+        return b"" if line == b"DATA\r\n" else out
+
+    async with (
+        scripted_smtp(silent_on_data) as port,
+        SMTPTransport("127.0.0.1", port, timeout=0.3) as transport,
+    ):
+        started = time.monotonic()
+        with pytest.raises(TransportTemporaryError, match="timed out"):
+            await transport.send(make_message(), sender=SENDER, recipients=[TO])
+    assert time.monotonic() - started < 2
