@@ -37,6 +37,7 @@ __all__ = [
     "mask_address",
     "normalise",
     "normalise_domain",
+    "normalise_recent",
 ]
 
 #: Mailbox names of RFC 2142 plus the common French and English role names.
@@ -187,6 +188,12 @@ def normalise(address: str) -> NormalisedAddress:
     if len(folded_local.encode("utf-8")) + 1 + len(folded_domain) > _MAX_ADDRESS:
         raise InvalidAddressError(f"address {given!r} exceeds 254 octets", address=given)
     return NormalisedAddress(original=text, local=folded_local, domain=folded_domain)
+
+
+#: :func:`normalise` with its recent results kept (4,096): one send normalises the same
+#: address several times (registry lookup, model validation, ``prospect.address``), and IDNA
+#: is not free. Results are immutable; a bad address raises each time (nothing is cached).
+normalise_recent = functools.lru_cache(maxsize=4096)(normalise)
 
 
 def address_key(address: str) -> str:

@@ -14,7 +14,7 @@ from email.headerregistry import Address
 from email.message import EmailMessage
 from typing import Any
 
-from .addresses import NormalisedAddress, normalise
+from .addresses import NormalisedAddress, normalise_recent
 from .compliance import FooterContext, FooterRenderer, apply_compliance
 from .fastmime import compose_bytes
 from .mime import parse_message
@@ -184,7 +184,7 @@ class Composer:
             if self.mailto_domain
             else None
         )
-        from_domain = normalise(campaign.from_address).domain
+        from_domain = normalise_recent(campaign.from_address).domain
         footers = self.renderer.render(
             footer_context(
                 p, campaign, url=url, mailto=mailto, first_contact=decision.first_contact

@@ -7,7 +7,6 @@ whose message names the field. Field names follow RULES.md ("Assumed per-recipie
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
-from functools import lru_cache
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -19,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from .addresses import NormalisedAddress, normalise
+from .addresses import NormalisedAddress, normalise_recent
 
 __all__ = [
     "DEFAULT_PROFILES",
@@ -58,11 +57,8 @@ KNOWN_PROFILES = frozenset({"FR_CNIL", "EU_GDPR", "US_CANSPAM", "CA_CASL"})
 
 def _check_email(value: str) -> str:
     # raises InvalidAddressError (a ValueError) naming the problem
-    return normalise(value).original
+    return normalise_recent(value).original
 
-
-#: The pipeline reads ``prospect.address`` several times per send; results are immutable.
-_normalise_recent = lru_cache(maxsize=4096)(normalise)
 
 #: A valid e-mail address, kept as given (display name and brackets removed, trimmed).
 EmailStr = Annotated[str, AfterValidator(_check_email)]
@@ -156,7 +152,7 @@ class Prospect(_Model):
     @property
     def address(self) -> NormalisedAddress:
         """The normalised address (IDNA is not free: recent results are reused)."""
-        return _normalise_recent(self.email)
+        return normalise_recent(self.email)
 
 
 class Advertiser(_Model):

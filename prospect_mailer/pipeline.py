@@ -400,7 +400,7 @@ class Pipeline:
                 at += len(b.requests)
             return out
 
-        results, _ = await self.store.claim_and_record(requests, record)
+        results, _ = await self.store.claim_and_record(requests, record, records=False)
         split: list[list[ClaimResult]] = []
         at = 0
         for b in batches:

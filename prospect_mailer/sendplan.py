@@ -144,7 +144,7 @@ class Finisher:
 
     def __init__(self, store: Store) -> None:
         async def commit(items: list[tuple[FinishRequest, AuditEvent]]) -> list[None]:
-            await store.finish_sends([r for r, _ in items], [e for _, e in items])
+            await store.finish_sends([r for r, _ in items], [e for _, e in items], records=False)
             return [None] * len(items)
 
         self._group: GroupCommit[tuple[FinishRequest, AuditEvent], None] = GroupCommit(commit)

@@ -107,6 +107,26 @@ async def test_rows_written_directly_read_back_through_sqlalchemy(
     assert (await direct.audit.verify()).ok
 
 
+async def test_records_false_writes_the_same_and_returns_none(pair: tuple[Store, Store]) -> None:
+    """The pipeline's hot path skips building records back; what is stored is unchanged."""
+    direct, _ = pair
+    results, records = await direct.claim_and_record(
+        [request("a" * 32)], lambda rs: [event("a" * 32, "pending")], records=False
+    )
+    assert results[0].claimed
+    assert records == []
+    finished = await direct.finish_sends(
+        [finish("a" * 32)], [event("a" * 32, "sent")], records=False
+    )
+    assert finished == []
+    stored = await direct.audit.events()
+    assert [(r.seq, r.status, r.send_id) for r in stored] == [
+        (1, "pending", "a" * 32),
+        (2, "sent", "a" * 32),
+    ]
+    assert (await direct.audit.verify()).ok
+
+
 async def test_retry_takes_over_and_duplicates_are_reported(pair: tuple[Store, Store]) -> None:
     direct, orm = pair
     first = await direct.claims.claim_many([request("s1"), request("s2")])

@@ -53,10 +53,15 @@ HASHED_FIELDS: tuple[str, ...] = tuple(
 )
 
 
+#: The canonical JSON of the chain: ``json.dumps(..., sort_keys=True, separators=(",", ":"),
+#: ensure_ascii=False)``, the same text, without building an encoder per call (``dumps``
+#: does, for any non-default option: 3 µs of a 25 µs record).
+_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
+
 def chain_hash(prev_hash: str, fields: Mapping[str, object]) -> str:
     """``sha256(prev_hash + canonical JSON of fields)`` as lower-case hex."""
-    payload = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256((prev_hash + payload).encode("utf-8")).hexdigest()
+    return hashlib.sha256((prev_hash + _canonical(fields)).encode("utf-8")).hexdigest()
 
 
 def chain_rows(
@@ -92,6 +97,12 @@ def _json_default(value: object) -> object:
 
 
 _PLAIN = frozenset({bool, int, float})
+
+
+#: The stored text of ``details``: canonical JSON, dates and sets in their stored forms.
+_details_json = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default
+).encode
 
 
 def _scrub(value: object, key: str = "") -> object:
@@ -175,13 +186,7 @@ class AuditEvent:
 
     def _row(self) -> dict[str, object]:
         try:
-            details = json.dumps(
-                _scrub(self.details),
-                sort_keys=True,
-                separators=(",", ":"),
-                ensure_ascii=False,
-                default=_json_default,
-            )
+            details = _details_json(_scrub(self.details))
         except (TypeError, ValueError) as exc:
             raise InvalidInputError(f"audit details are not JSON serialisable: {exc}") from exc
         if len(details) > _MAX_DETAILS:

@@ -274,6 +274,7 @@ class Store:
         record: Callable[[list[ClaimResult]], Sequence[AuditEvent]],
         *,
         force: bool = False,
+        records: bool = True,
     ) -> tuple[list[ClaimResult], list[AuditRecord]]:
         """Claim sends and append the audit records that follow from the claims' results.
 
@@ -284,6 +285,8 @@ class Store:
         claims are committed first, then the records. ``record`` must not block or await: on
         SQLite it runs in the store's writer thread, inside the transaction. ``force``: take
         over any claim (see :meth:`SendClaims.claim_many`; claims first, then records).
+        ``records=False``: return no records (an empty list) where building them back from the
+        stored rows can be skipped (the SQLite direct path: the send pipeline's hot path).
 
         Raises:
             InvalidInputError: a malformed request or event (nothing is written).
@@ -299,19 +302,23 @@ class Store:
                 return results, (fastwrite.append_audit(con, rows) if rows else [])
 
             results, full = await self.claims.direct.run("claiming sends", work)
-            return results, [AuditRecord._from_row(r) for r in full]
+            return results, [AuditRecord._from_row(r) for r in full] if records else []
         results = await self.claims.claim_many(requests, force=force) if requests else []
         return results, await self.audit.append(record(results))
 
     async def finish_sends(
-        self, requests: Sequence[FinishRequest], events: Sequence[AuditEvent]
+        self,
+        requests: Sequence[FinishRequest],
+        events: Sequence[AuditEvent],
+        *,
+        records: bool = True,
     ) -> list[AuditRecord]:
         """Record the results of sends: finish their claims and append their audit records.
 
         One transaction on a SQLite file (the direct write path), two elsewhere (claims first:
         a crash between them leaves a finished claim whose record is missing, which
         ``audit export --unresolved`` does not hide, rather than a record of a claim still
-        ``pending``).
+        ``pending``). ``records=False``: as for :meth:`claim_and_record`.
 
         Raises:
             InvalidInputError: a malformed request or event (nothing is written).
@@ -327,7 +334,7 @@ class Store:
                 return fastwrite.append_audit(con, rows)
 
             full = await self.claims.direct.run("recording send results", work)
-            return [AuditRecord._from_row(r) for r in full]
+            return [AuditRecord._from_row(r) for r in full] if records else []
         await self.claims.finish_many(requests)
         return await self.audit.append(events)
 

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pydantic import ValidationError
 from sqlalchemy import delete, func, select
 
-from ..addresses import normalise
+from ..addresses import normalise_recent
 from ..errors import StoreError
 from ..models import Prospect
 from .engine import Database
@@ -85,7 +85,7 @@ class ProspectRegistry:
             InvalidAddressError: the address cannot be normalised.
             StoreError: the database failed.
         """
-        key = normalise(address).key_hash
+        key = normalise_recent(address).key_hash
         return (await self.get_many([key])).get(key)
 
     async def get_many(self, recipient_hashes: Sequence[str]) -> dict[str, Prospect]:
