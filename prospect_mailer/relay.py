@@ -44,7 +44,7 @@ from .mailer import ProspectMailer
 from .relay_config import RelaySettings, parse_listen
 from .relay_data import read_data
 from .relay_dkim import DKIMSigner, DKIMTransport
-from .relay_handler import InboundHandler, RelayEnvelope, RelayHandler
+from .relay_handler import InboundHandler, RelayEnvelope, RelayHandler, aiosmtpd_names
 from .relay_replies import REPLY_SHUTDOWN
 from .store import Store
 from .tokens import TokenSigner
@@ -88,6 +88,10 @@ class RelaySession(AiosmtpdSMTP):
         self.from_allowed_network = False
         self.refused = False
         self.busy = False  # inside handle_DATA: delivering upstream
+
+    def __dir__(self) -> list[str]:
+        """Only the command, AUTH and hook methods (see :func:`aiosmtpd_names`)."""
+        return aiosmtpd_names(type(self))
 
     def _create_envelope(self) -> RelayEnvelope:
         return RelayEnvelope()

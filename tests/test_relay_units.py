@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
 import os
 import signal
 import socket
@@ -29,6 +30,7 @@ from prospect_mailer.cli import main
 from prospect_mailer.config import load_settings
 from prospect_mailer.errors import ConfigError
 from prospect_mailer.models import Outcome
+from prospect_mailer.relay import RelaySession
 from prospect_mailer.relay_config import RelaySettings, hash_password, verify_password
 from prospect_mailer.relay_handler import bare_line_break
 from prospect_mailer.relay_replies import RecipientResult, message_reply, recipient_result
@@ -375,3 +377,32 @@ def test_worker_listeners_spread_connections_and_refuse_a_taken_port() -> None:
             bind_listeners("127.0.0.1", taken, 2)
     (single,) = bind_listeners("127.0.0.1", 0, 1)
     single.close()
+
+
+async def test_short_dir_gives_aiosmtpd_the_same_tables(make_relay_env: MakeRelayEnv) -> None:
+    """The session and handler list only their command, AUTH and hook methods in ``dir()``
+    (aiosmtpd introspects both on every connection); its tables must come out the same."""
+    env = await make_relay_env()
+    fast = env.relay._make_session()
+
+    class FullHandler(type(env.relay.handler)):  # type: ignore[misc]
+        def __dir__(self) -> list[str]:
+            return object.__dir__(self)
+
+    class FullSession(RelaySession):
+        def __dir__(self) -> list[str]:
+            return object.__dir__(self)
+
+    handler = copy.copy(env.relay.handler)
+    handler.__class__ = FullHandler
+    relay = copy.copy(env.relay)
+    relay.handler = handler
+    full = FullSession(relay, hostname="relay.test", loop=asyncio.get_running_loop())
+    assert sorted(fast._smtp_methods) == sorted(full._smtp_methods)
+    assert len(fast._smtp_methods) > 10
+    assert sorted(fast._handle_hooks) == sorted(full._handle_hooks)
+    assert sorted(fast._handle_hooks) == ["DATA", "MAIL", "RCPT", "exception"]
+    auth = {name: impl.is_builtin for name, impl in fast._auth_methods.items()}
+    assert auth == {name: impl.is_builtin for name, impl in full._auth_methods.items()}
+    assert {"PLAIN", "LOGIN"} <= set(auth)
+    assert [name for name, builtin in auth.items() if not builtin] == ["LOGIN", "PLAIN"]
