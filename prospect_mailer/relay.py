@@ -54,6 +54,8 @@ __all__ = ["RelayServer", "RelaySession", "default_inbound_handler"]
 
 log = logging.getLogger("prospect_mailer.relay")
 
+_IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
 # Commands a client may still send while the relay shuts down, to finish the transaction it
 # started; anything else gets 421 4.3.2 and the connection is closed.
 _FINISHING = frozenset({"RCPT", "DATA", "NOOP", "QUIT"})
@@ -85,6 +87,7 @@ class RelaySession(AiosmtpdSMTP):
         super().__init__(relay.handler, **kwargs)
         self.relay = relay
         self.client_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+        self.client_key = ""  # what max_connections_per_client counts this connection under
         self.from_allowed_network = False
         self.refused = False
         self.busy = False  # inside handle_DATA: delivering upstream
@@ -261,6 +264,7 @@ class RelayServer:
         self._networks = settings.networks()
         self._sessions: set[RelaySession] = set()
         self._per_ip: Counter[str] = Counter()
+        self._peers: dict[str, tuple[_IP | None, str, bool]] = {}
         self._server: asyncio.Server | None = None
         self._owns = owns_mailer
 
@@ -328,27 +332,39 @@ class RelayServer:
         """Register a new connection; return a 421 reply to refuse it instead."""
         if self.closing:
             return REPLY_SHUTDOWN
-        try:
-            ip = ipaddress.ip_address(peer_host.split("%", 1)[0])
-        except ValueError:
-            ip = None
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        key = str(ip or peer_host)
+        ip, key, allowed = self._peer(peer_host)
         if self._per_ip[key] >= self.settings.max_connections_per_client:
             log.warning("relay: refused a connection from %s (too many at once)", key)
             return "421 4.7.0 Too many connections from your address, try again later"
         self._per_ip[key] += 1
-        session.client_ip = ip
-        session.from_allowed_network = ip is not None and any(ip in n for n in self._networks)
+        session.client_ip, session.client_key = ip, key
+        session.from_allowed_network = allowed
         self._sessions.add(session)
         return None
+
+    def _peer(self, peer_host: str) -> tuple[_IP | None, str, bool]:
+        """The client's address, its key for the per-client count, and whether it is on an
+        allowed network; kept per peer string (a CRM connects again and again from one)."""
+        known = self._peers.get(peer_host)
+        if known is not None:
+            return known
+        try:
+            ip: _IP | None = ipaddress.ip_address(peer_host.split("%", 1)[0])
+        except ValueError:
+            ip = None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        allowed = ip is not None and any(ip in n for n in self._networks)
+        if len(self._peers) >= 4096:
+            self._peers.clear()
+        known = self._peers[peer_host] = (ip, str(ip or peer_host), allowed)
+        return known
 
     def release(self, session: RelaySession) -> None:
         """Forget a closed connection."""
         if session in self._sessions:
             self._sessions.discard(session)
-            key = str(session.client_ip)
+            key = session.client_key  # not str(client_ip): "None" for a peer that is no IP
             self._per_ip[key] -= 1
             if self._per_ip[key] <= 0:
                 del self._per_ip[key]

@@ -227,3 +227,16 @@ async def test_shutdown_finishes_the_transaction_in_flight_then_answers_421(
         for w in (writer, idle_writer):
             w.close()
             await w.wait_closed()
+
+
+async def test_connection_counts_return_to_zero_for_any_peer(make_relay_env: MakeRelayEnv) -> None:
+    """A peer that is no IP address (a Unix socket's empty name) was counted under its name
+    but released under "None": its count only grew, until it was refused for good."""
+    env = await make_relay_env(max_connections_per_client=2)
+    for peer in ("", "127.0.0.1", "::ffff:127.0.0.1", "fe80::1%eth0"):
+        for _ in range(3):  # more than the limit, one after the other
+            session = env.relay._make_session()
+            assert env.relay.admit(session, peer) is None
+            env.relay.release(session)
+    assert env.relay._per_ip == {}
+    assert env.relay.connections == 0
