@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 
+import idna
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from prospect_mailer.addresses import (
+    _PLAIN_DOMAIN,
     RoleClassifier,
     address_key,
     domain_key,
@@ -116,3 +118,25 @@ def test_property_normalisation_is_idempotent_and_idn_round_trips(
 
     ulabel = idna.decode(n.domain)
     assert normalise(f"{n.local}@{ulabel}").key == n.key
+
+
+labels = st.text(alphabet="abcXYZ019-", min_size=1, max_size=70)
+
+
+@settings(max_examples=5000, deadline=None)
+@given(
+    st.one_of(
+        st.lists(labels, min_size=1, max_size=5).map(".".join),
+        st.text(alphabet="aZ9-._é", max_size=30),
+        st.integers(min_value=240, max_value=260)
+        .map(lambda n: ("a" * 62 + ".") * 5 + "b" * n)
+        .map(lambda d: d[: max(1, len(d) - 60)]),
+    )
+)
+@example("a---b.example")  # hyphens in the 3rd and 4th places: idna refuses them
+@example("xn--bcher-kva.example")
+@example(("a" * 63 + ".") * 3 + "b" * 61)  # 253 characters: the longest name
+def test_plain_ascii_domains_skip_idna_with_the_same_result(domain: str) -> None:
+    """The fast path takes only names idna accepts unchanged (but for case)."""
+    if _PLAIN_DOMAIN.fullmatch(domain):
+        assert idna.encode(domain, uts46=True, transitional=False).decode() == domain.lower()
