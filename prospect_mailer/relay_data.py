@@ -44,8 +44,15 @@ async def read_data(
             block = await reader.readuntil(_END)
             ends = True
         except asyncio.LimitOverrunError as exc:
-            # No ".\r\n" within the reader's limit: the bytes that cannot start one.
+            # No ".\r\n" within the reader's limit: the bytes that cannot start one. A block
+            # never ends between the CR and the LF of a line end (its line would be counted
+            # as one with the next): a CR at its end takes the byte after it along.
             block = await reader.read(max(exc.consumed, 1))
+            while block.endswith(b"\r"):
+                more = await reader.read(1)
+                if not more:
+                    return None
+                block += more
             ends = False
         except asyncio.IncompleteReadError:
             return None  # end of stream before the end of the content

@@ -154,6 +154,8 @@ class _PipeliningProtocol(SMTPProtocol):
     _batch: list[aiosmtplib.SMTPResponse] | None = None
     _batch_size = 0
     _batch_done: asyncio.Future[None] | None = None
+    _batch_wait: float | None = None
+    _batch_timer: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
         if self._batch is None:
@@ -176,7 +178,18 @@ class _PipeliningProtocol(SMTPProtocol):
                     self._end_batch(aiosmtplib.SMTPResponseException(-1, "Response too long"))
                 return
             batch.append(reply)
+            self._arm_timer()  # each reply has its own time, as in aiosmtplib
         self._end_batch(None)
+
+    def _arm_timer(self) -> None:
+        if self._batch_timer is not None:
+            self._batch_timer.cancel()
+        if self._batch_wait is not None:
+            self._batch_timer = self._loop.call_later(
+                self._batch_wait,
+                self._end_batch,
+                aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response"),
+            )
 
     def _end_batch(self, error: Exception | None) -> None:
         done = self._batch_done
@@ -204,6 +217,9 @@ class _PipeliningProtocol(SMTPProtocol):
     ) -> list[aiosmtplib.SMTPResponse]:
         """Write ``data`` (one or more commands) and return the next ``replies`` replies.
 
+        ``wait``: the seconds allowed for each reply (restarted by each one, as aiosmtplib
+        allows each command's reply its own time).
+
         Raises:
             _Replies: the connection was lost, the wait timed out or a reply was malformed
                 before every reply came; it carries those that did.
@@ -216,15 +232,8 @@ class _PipeliningProtocol(SMTPProtocol):
             batch: list[aiosmtplib.SMTPResponse] = []
             done = self._loop.create_future()
             self._batch, self._batch_size, self._batch_done = batch, replies, done
-            timer = (
-                None
-                if wait is None
-                else self._loop.call_later(
-                    wait,
-                    self._end_batch,
-                    aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response"),
-                )
-            )
+            self._batch_wait = wait
+            self._arm_timer()
             try:
                 self.write(data)
                 await done
@@ -232,8 +241,9 @@ class _PipeliningProtocol(SMTPProtocol):
                 raise _Replies(batch, exc) from None
             finally:
                 self._batch, self._batch_done = None, None
-                if timer is not None:
-                    timer.cancel()
+                if self._batch_timer is not None:
+                    self._batch_timer.cancel()
+                    self._batch_timer = None
             return batch
 
 

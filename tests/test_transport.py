@@ -799,16 +799,21 @@ Answer = Callable[[bytes], "bytes | None"]
 
 
 @contextlib.asynccontextmanager
-async def scripted_smtp(answer: Answer, *, dribble: bool = False) -> AsyncIterator[int]:
+async def scripted_smtp(
+    answer: Answer, *, dribble: bool = False, rcpt_delay: float = 0.0
+) -> AsyncIterator[int]:
     """A bare SMTP server on 127.0.0.1 whose replies are a script: ``answer(line)`` gives the
     bytes to write back for each line received (``b""``: nothing; ``None``: hang up; after a
-    421 reply it hangs up too). With ``dribble``, replies go out one byte per write. Yields
+    421 reply it hangs up too). With ``dribble``, replies go out one byte per write; each RCPT
+    is answered ``rcpt_delay`` seconds after it is read (a server checking recipients). Yields
     the port."""
 
     async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 scripted ESMTP\r\n")
         try:
             while line := await reader.readline():
+                if rcpt_delay and line[:4].upper() == b"RCPT":
+                    await asyncio.sleep(rcpt_delay)
                 out = answer(line)
                 if out is None:
                     break
@@ -941,3 +946,17 @@ async def test_no_reply_to_the_envelope_times_out() -> None:
         with pytest.raises(TransportTemporaryError, match="timed out"):
             await transport.send(make_message(), sender=SENDER, recipients=[TO])
     assert time.monotonic() - started < 2
+
+
+async def test_each_pipelined_reply_has_its_own_time() -> None:
+    """Five recipients answered 0.3 s apart with a 1 s timeout: no reply is late, so the
+    message goes through, as it does one command at a time (found in review)."""
+    received: list[bytes] = []
+    rcpts = [f"r{i}@client.example" for i in range(5)]
+    async with (
+        scripted_smtp(script(received), rcpt_delay=0.3) as port,
+        SMTPTransport("127.0.0.1", port, timeout=1) as transport,
+    ):
+        delivery = await transport.send(make_message(), sender=SENDER, recipients=rcpts)
+    assert delivery.code == 250
+    assert sum(line.startswith(b"RCPT") for line in received) == 5
