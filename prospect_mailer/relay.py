@@ -86,7 +86,7 @@ class RelaySession(AiosmtpdSMTP):
     def __init__(self, relay: RelayServer, **kwargs: Any) -> None:
         super().__init__(relay.handler, **kwargs)
         self.relay = relay
-        self.client_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+        self.client_ip: _IP | None = None
         self.client_key = ""  # what max_connections_per_client counts this connection under
         self.from_allowed_network = False
         self.refused = False

@@ -32,6 +32,7 @@ from urllib.parse import unquote, urlsplit
 import aiosmtplib
 from aiosmtplib.protocol import (
     COMMAND_INJECTION_REGEX,
+    MAX_RESPONSE_LENGTH,
     PERIOD_REGEX,
     SMTPProtocol,
     normalize_message_line_endings,
@@ -128,10 +129,6 @@ PLAIN_ADDRESS = re.compile(
 _DEFAULT_TIMEOUT: Any = Default.token  # aiosmtplib's 'the client's own timeout'
 
 
-#: Longest reply text kept from a server (aiosmtplib's limit for one reply, per reply).
-_MAX_REPLY = 32 * 1024
-
-
 class _Replies(Exception):
     """The exchange ended early (connection lost, timeout, bad reply): the replies read so far
     and the error that ended it."""
@@ -167,6 +164,7 @@ class _PipeliningProtocol(SMTPProtocol):
     def _parse_batch(self) -> None:
         batch = self._batch
         assert batch is not None
+        had = len(batch)
         while len(batch) < self._batch_size:
             try:
                 reply = self._read_response_from_buffer()
@@ -174,11 +172,12 @@ class _PipeliningProtocol(SMTPProtocol):
                 self._end_batch(exc)
                 return
             if reply is None:
-                if len(self._buffer) > _MAX_REPLY:
+                if len(self._buffer) > MAX_RESPONSE_LENGTH:  # aiosmtplib's limit, per reply
                     self._end_batch(aiosmtplib.SMTPResponseException(-1, "Response too long"))
+                elif len(batch) > had:
+                    self._arm_timer()  # each reply has its own time, as in aiosmtplib
                 return
             batch.append(reply)
-            self._arm_timer()  # each reply has its own time, as in aiosmtplib
         self._end_batch(None)
 
     def _arm_timer(self) -> None:
@@ -435,9 +434,7 @@ class _Connection(aiosmtplib.SMTP):
         if (
             isinstance(message, bytes)
             and len(message) > _BIG_DATA
-            and protocol is not None
-            and hasattr(protocol, "_command_lock")
-            and hasattr(protocol, "_response_pending")
+            and isinstance(protocol, _PipeliningProtocol)
         ):
             wait = kwargs.get("timeout", self.timeout)
             if not isinstance(wait, int | float) and wait is not None:
@@ -446,31 +443,29 @@ class _Connection(aiosmtplib.SMTP):
         return await super().data(*args, **kwargs)
 
     async def _big_data(
-        self, protocol: Any, message: bytes, reply_wait: float | None
+        self, protocol: _PipeliningProtocol, message: bytes, wait: float | None
     ) -> aiosmtplib.SMTPResponse:
         """DATA for a big message, its line-end fixing and dot-stuffing done in a thread.
 
         aiosmtplib does both with regexes on the event loop: for 20 MB that holds every other
-        session for about half a second. Same bytes on the wire, same replies and errors; the
-        private attributes this relies on are checked first (else the stock path is used).
+        session for about half a second. Same bytes on the wire, same replies and errors (a
+        lost connection or a timeout closes it, as aiosmtplib does).
         """
         _, prepared = await asyncio.to_thread(_prepare_data, message)
-        try:
-            async with protocol._command_lock:
-                protocol._response_pending = True
-                protocol.write(b"DATA\r\n")
-                start = await protocol.read_response(timeout=reply_wait)
-                if start.code != 354:
-                    raise aiosmtplib.SMTPDataError(start.code, start.message)
-                protocol._response_pending = True
-                protocol.write(prepared)
-                response: aiosmtplib.SMTPResponse = await protocol.read_response(timeout=reply_wait)
-                if response.code != 250:
-                    raise aiosmtplib.SMTPDataError(response.code, response.message)
-                return response
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
-            self.close()
-            raise
+        reply: aiosmtplib.SMTPResponse | None = None
+        for data, expected in (
+            (b"DATA\r\n", aiosmtplib.SMTPStatus.start_input),
+            (prepared, aiosmtplib.SMTPStatus.completed),
+        ):
+            try:
+                (reply,) = await protocol.exchange(data, 1, wait)
+            except _Replies as ended:
+                self.close()
+                raise ended.error from None
+            if reply.code != expected:
+                raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+        assert reply is not None
+        return reply
 
 
 def _envelope_replies(

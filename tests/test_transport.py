@@ -960,3 +960,28 @@ async def test_each_pipelined_reply_has_its_own_time() -> None:
         delivery = await transport.send(make_message(), sender=SENDER, recipients=rcpts)
     assert delivery.code == 250
     assert sum(line.startswith(b"RCPT") for line in received) == 5
+
+
+@pytest.mark.parametrize(
+    ("fault", "code"),
+    [
+        pytest.param("data_4xx", 451, marks=pytest.mark.smtp_fault("data_4xx")),
+        pytest.param("data_5xx", 554, marks=pytest.mark.smtp_fault("data_5xx")),
+        pytest.param("disconnect", None, marks=pytest.mark.smtp_fault("disconnect_on_data")),
+    ],
+)
+async def test_big_message_refused_or_cut_off_as_a_small_one_is(
+    smtpd_server: SMTPTestServer, make_smtp: MakeSMTP, fault: str, code: int | None
+) -> None:
+    """The big-message DATA path (over 1 MB, prepared off the loop) reports refusals and lost
+    connections as the stock path does, and never sends the message a second time."""
+    big = wire_bytes(make_message()) + (b"y" * 70 + b"\r\n") * 16000  # 1.15 MB
+    transport = make_smtp(smtpd_server)
+    with pytest.raises(
+        TransportPermanentError if code == 554 else TransportTemporaryError
+    ) as caught:
+        await transport.send(big, sender=SENDER, recipients=[TO])
+    assert caught.value.code == code
+    assert smtpd_server.messages == []
+    assert len(smtpd_server.commands_named("DATA")) == 1  # no second attempt
+    assert transport._idle == []  # the connection is not pooled again
