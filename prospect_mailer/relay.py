@@ -91,6 +91,7 @@ class RelaySession(AiosmtpdSMTP):
         self.from_allowed_network = False
         self.refused = False
         self.busy = False  # inside handle_DATA: delivering upstream
+        self._deadline = 0.0  # of the inactivity timer (loop time)
 
     def __dir__(self) -> list[str]:
         """Only the command, AUTH and hook methods (see :func:`aiosmtpd_names`)."""
@@ -135,6 +136,29 @@ class RelaySession(AiosmtpdSMTP):
     def rearm_timeout(self, seconds: float) -> None:
         """Restart the inactivity timer with ``seconds`` (aiosmtpd has one timer, for all)."""
         self._reset_timeout(seconds)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's inactivity timer, moved without a new loop timer per command.
+
+        aiosmtpd cancels its timer and schedules a new one at every command (five or more per
+        message, each a timer object and a heap entry). Here the deadline is a number; the
+        one armed timer, when it fires early, re-arms itself at the deadline. A deadline
+        earlier than the armed timer (a shorter duration) re-arms it at once.
+        """
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._deadline = deadline
+        handle = self._timeout_handle
+        if handle is not None and not handle.cancelled() and handle.when() <= deadline:
+            return
+        if handle is not None:
+            handle.cancel()
+        self._timeout_handle = self.loop.call_at(deadline, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        if self.loop.time() >= self._deadline:
+            self._timeout_cb()  # type: ignore[no-untyped-call]
+        else:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._check_deadline)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None and not self.refused:  # not the second call after STARTTLS

@@ -240,3 +240,31 @@ async def test_connection_counts_return_to_zero_for_any_peer(make_relay_env: Mak
             env.relay.release(session)
     assert env.relay._per_ip == {}
     assert env.relay.connections == 0
+
+
+async def test_a_silent_client_is_disconnected_after_the_command_timeout(
+    make_relay_env: MakeRelayEnv,
+) -> None:
+    """The inactivity timer: every command pushes the deadline on; silence closes the session.
+
+    The relay keeps one loop timer per session and moves a deadline (not aiosmtpd's new timer
+    per command), so this checks both halves: a client that keeps talking for longer than the
+    timeout in total stays connected, and one that then falls silent is closed on time.
+    """
+    env = await make_relay_env(command_timeout=0.6)
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+    try:
+        assert (await reader.readline()).startswith(b"220")
+        started = loop.time()
+        for _ in range(6):  # 1.2 s of commands, each well inside the 0.6 s timeout
+            await asyncio.sleep(0.2)
+            writer.write(b"NOOP\r\n")
+            assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"250")
+        assert loop.time() - started > 1.0
+        silent = loop.time()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the relay
+        waited = loop.time() - silent
+        assert 0.5 <= waited < 1.5, waited
+    finally:
+        writer.close()

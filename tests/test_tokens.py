@@ -117,7 +117,7 @@ def test_last_character_spare_bits_refused() -> None:
     keys=st.lists(st.binary(min_size=16, max_size=40), min_size=1, max_size=3),
 )
 @example(b"\0" * 32, "a" * 60, "a" * 60, "advertiser", "fr", [b"k" * 16])  # compresses well
-def test_tokens_are_byte_for_byte_what_itsdangerous_signs(
+def test_tokens_are_what_itsdangerous_signs_and_reads(
     recipient: bytes,
     advertiser: str,
     campaign: str,
@@ -125,7 +125,9 @@ def test_tokens_are_byte_for_byte_what_itsdangerous_signs(
     locale: str,
     keys: list[bytes],
 ) -> None:
-    """make() builds the token itself (faster); itsdangerous must produce the same bytes."""
+    """make() builds the token itself (faster): itsdangerous reads it back as this payload,
+    and it is itsdangerous' own token except that it is never compressed. A compressed token
+    (itsdangerous', or one made by earlier versions) verifies just the same."""
     signer = TokenSigner(keys)
     token = UnsubscribeToken(
         recipient_hash=recipient.hex(),
@@ -135,6 +137,7 @@ def test_tokens_are_byte_for_byte_what_itsdangerous_signs(
         locale=locale,
     )
     made = signer.make(token)
+    assert signer.make(token) == made  # the cached JSON tail gives the same bytes
     payload = {
         "v": 1,
         "r": base64.urlsafe_b64encode(recipient).decode("ascii").rstrip("="),
@@ -143,5 +146,18 @@ def test_tokens_are_byte_for_byte_what_itsdangerous_signs(
         "s": scope,
         "l": locale,
     }
-    assert made == signer._serializer.dumps(payload)
+    assert signer._serializer.loads(made) == payload
+    theirs = signer._serializer.dumps(payload)
+    if not theirs.startswith("."):  # itsdangerous did not compress: the very same bytes
+        assert made == theirs
+    assert not made.startswith(".")
     assert signer.verify(made) == token
+    assert signer.verify(theirs) == token
+
+
+def test_a_recipient_hash_that_is_not_sha256_is_refused() -> None:
+    signer = TokenSigner(["k" * 32])
+    with pytest.raises(ValueError, match="64 hex digits"):
+        signer.make(
+            UnsubscribeToken(recipient_hash="ab" * 31, advertiser_id="acme", campaign_id="c")
+        )
