@@ -107,9 +107,15 @@ class Pipeline:
                 yield outcome
 
     async def gather_facts(
-        self, chunk: Sequence[Prospect], campaign: Campaign, options: Options
+        self,
+        chunk: Sequence[Prospect],
+        campaign: Campaign,
+        options: Options,
+        *,
+        statuses: bool = True,
     ) -> list[Item | Outcome]:
-        """One suppression query and one prior-contact query for the whole chunk."""
+        """One suppression query and one prior-contact query for the whole chunk, and one of
+        the claim statuses unless ``statuses`` is false."""
         addresses = [p.address for p in chunk]
         domain_keys = {a.domain: domain_keys_for(a.domain) for a in addresses}
         keys = {a.key_hash for a in addresses}
@@ -121,10 +127,14 @@ class Pipeline:
             prior = await self.store.claims.prior_contacts(campaign.advertiser.id, hashes)
             # Dry run: what would be a duplicate. Real send: what need not be composed (the
             # claim, in the database, still decides).
-            claimed: dict[str, str] = dict(
-                await self.store.claims.statuses(
-                    campaign.id, campaign.step, hashes, message_key=options.message_key
+            claimed: dict[str, str] = (
+                dict(
+                    await self.store.claims.statuses(
+                        campaign.id, campaign.step, hashes, message_key=options.message_key
+                    )
                 )
+                if statuses
+                else {}
             )
         except StoreError as exc:
             # Fail closed: without the suppression list nothing may be sent.
@@ -191,7 +201,12 @@ class Pipeline:
         records); only the sends run one by one, with bounded concurrency, and their results
         are group-committed by the finisher.
         """
-        slots = await self.prepare(chunk, campaign, options, limit, finisher)
+        slots: list[Outcome | asyncio.Future[Outcome]] = [
+            asyncio.ensure_future(self.deliver(slot, campaign, options, limit, finisher))
+            if isinstance(slot, Plan)
+            else slot
+            for slot in await self.prepare(chunk, campaign, options, statuses=True)
+        ]
         try:
             for slot in slots:
                 yield await slot if isinstance(slot, asyncio.Future) else slot
@@ -200,28 +215,30 @@ class Pipeline:
 
     async def one(self, prospect: Prospect, campaign: Campaign, options: Options) -> Outcome:
         """:meth:`chunk` for one recipient (``ProspectMailer.send``, the relay's every send),
-        without an async generator to set up and finalise."""
+        without an async generator to set up and finalise nor a task for the send.
+
+        The claim statuses are read only for a dry run that reports duplicates: for a real
+        send of one recipient they would only spare composing a duplicate, which the claim
+        refuses all the same.
+        """
         (slot,) = await self.prepare(
-            [prospect], campaign, options, asyncio.Semaphore(self.concurrency), self._finisher
+            [prospect], campaign, options, statuses=options.dry_run and options.duplicates
         )
-        if not isinstance(slot, asyncio.Future):
-            return slot
-        try:
-            return await slot
-        finally:
-            await _cancel_pending([slot])
+        if isinstance(slot, Plan):
+            return await self.deliver(slot, campaign, options, None, self._finisher)
+        return slot
 
     async def prepare(
         self,
         chunk: Sequence[Prospect],
         campaign: Campaign,
         options: Options,
-        limit: asyncio.Semaphore,
-        finisher: Finisher,
-    ) -> list[Outcome | asyncio.Future[Outcome]]:
-        """Everything up to the sends, which are started: per recipient, in order, its outcome
-        or the task delivering it."""
-        items = await self.gather_facts(chunk, campaign, options)
+        *,
+        statuses: bool,
+    ) -> list[Outcome | Plan]:
+        """Everything up to the sends: per recipient, in order, its outcome or the claimed
+        plan to deliver (``statuses``: see :meth:`gather_facts`)."""
+        items = await self.gather_facts(chunk, campaign, options, statuses=statuses)
         if options.dry_run:
             return [
                 item if isinstance(item, Outcome) else self.dry_run(item, campaign, options)
@@ -266,18 +283,11 @@ class Pipeline:
         # Durable before any transport is called: claims and every record of the chunk
         # (blocks, duplicates, `pending`, composition failures).
         await self.claim_and_record(allowed, campaign, options, events)
-        out: list[Outcome | asyncio.Future[Outcome]] = []
-        for slot in slots:
-            if isinstance(slot, Outcome):
-                out.append(slot)
-            elif slot.final is None and slot.message is not None:
-                out.append(
-                    asyncio.ensure_future(self.deliver(slot, campaign, options, limit, finisher))
-                )
-            else:
-                assert slot.final is not None
-                out.append(slot.final)
-        return out
+        # A plan still to deliver, or what became of it (duplicate, store failure...).
+        return [
+            slot if isinstance(slot, Outcome) or slot.final is None else slot.final
+            for slot in slots
+        ]
 
     async def compose(
         self,
@@ -424,12 +434,12 @@ class Pipeline:
         p: Plan,
         campaign: Campaign,
         options: Options,
-        limit: asyncio.Semaphore,
+        limit: asyncio.Semaphore | None,
         finisher: Finisher,
     ) -> Outcome:
         assert p.message is not None
         email_addr = p.item.prospect.email
-        async with limit:
+        async with limit or _NO_LIMIT:
             try:
                 delivery = await self.transport.send(
                     p.message,
@@ -500,6 +510,19 @@ class Pipeline:
             await self.store.audit.append(events)
         except StoreError:
             return  # the store is down: the log line is all that can be written
+
+
+class _NoLimit:
+    """``async with`` that waits for nothing (a single send has no concurrency to bound)."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LIMIT = _NoLimit()
 
 
 async def _cancel_pending(slots: Sequence[Outcome | asyncio.Future[Outcome]]) -> None:

@@ -40,6 +40,7 @@ from .relay_replies import (
     recipient_result,
     reply_line,
 )
+from .sendplan import Options
 from .store import AuditEvent
 from .transport import Transport
 
@@ -280,7 +281,11 @@ class RelayHandler(RelayAuth):
             await self._audit_refusal(address, envelope.campaign, ("RELAY_UNKNOWN_RECIPIENT",), why)
             return reply_line("550 5.7.1", f"RELAY_UNKNOWN_RECIPIENT: <{address}> is {why}")
         if envelope.campaign is not None:
-            outcome = await self.mailer.send(prospect, envelope.campaign, dry_run=True)
+            # The rules and the suppression list on the facts known now; a duplicate is
+            # accepted like an allowed recipient (DATA reports it), so it is not looked up.
+            outcome = await self.mailer.pipeline.one(
+                prospect, envelope.campaign, Options(dry_run=True, duplicates=False)
+            )
             result = recipient_result(address, outcome)
             if not result.ok:
                 if result.kind == "blocked":
@@ -347,7 +352,8 @@ class RelayHandler(RelayAuth):
             else:
                 assert campaign is not None
                 results += await self._deliver(envelope, message, campaign, prospects, raw)
-        results += await asyncio.gather(*(self._inbound(r.address, raw) for r in inbound))
+        if inbound:
+            results += await asyncio.gather(*(self._inbound(r.address, raw) for r in inbound))
         reply, refused = message_reply(results)
         if refused and envelope.mail_from not in (None, "", "<>"):
             try:
@@ -449,6 +455,8 @@ class RelayHandler(RelayAuth):
                     )
             return recipient_result(rcpt.address, outcome)
 
+        if len(rcpts) == 1:  # nearly all relayed mail: no task to spawn
+            return [await one(rcpts[0])]
         return list(await asyncio.gather(*(one(r) for r in rcpts)))
 
     async def _inbound(self, address: str, raw: bytes) -> RecipientResult:

@@ -38,6 +38,9 @@ class Options:
     message: EmailMessage | RawMessage | None = None
     message_key: str = ""
     big: bool = False  # compose and serialise off the event loop (a large caller's message)
+    # A dry run reports a recipient already sent (or pending) as a duplicate; without it (the
+    # relay's RCPT check, which accepts both alike) the claim statuses are not read.
+    duplicates: bool = True
 
 
 @dataclass(frozen=True, slots=True)
