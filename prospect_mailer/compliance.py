@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
+from functools import lru_cache
 from pathlib import Path
 from typing import Final, Literal
 from urllib.parse import urlsplit
@@ -130,17 +131,31 @@ class FooterContext:
     def __post_init__(self) -> None:
         if self.locale not in _MONTHS:
             raise InvalidMessageError(f"unsupported footer locale {self.locale!r}")
-        for field in ("advertiser_legal_name", "advertiser_postal_address", "advertiser_contact"):
-            if not _oneline(getattr(self, field)):
-                raise ConfigError(
-                    f"{field} is empty: the footer must name the advertiser "
-                    "and how to reach it (FR_SENDER_IDENTITY)"
-                )
+        empty = _empty_identity_field(
+            self.advertiser_legal_name, self.advertiser_postal_address, self.advertiser_contact
+        )
+        if empty:
+            raise ConfigError(
+                f"{empty} is empty: the footer must name the advertiser "
+                "and how to reach it (FR_SENDER_IDENTITY)"
+            )
         if self.source_type is not None and self.source_type not in _SOURCE_TYPES:
             raise InvalidMessageError(
                 f"source_type must be one of {sorted(_SOURCE_TYPES)}, not {self.source_type!r}"
             )
         build_list_unsubscribe(self.unsubscribe_url, self.unsubscribe_mailto)
+
+
+@lru_cache(maxsize=256)
+def _empty_identity_field(legal_name: str, postal_address: str, contact: str) -> str:
+    """The first of the advertiser's identity fields that is blank, or ``""`` (the same three
+    values for every message of a campaign: checked once)."""
+    values = {
+        "advertiser_legal_name": legal_name,
+        "advertiser_postal_address": postal_address,
+        "advertiser_contact": contact,
+    }
+    return next((name for name, value in values.items() if not _oneline(value)), "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,6 +451,13 @@ def build_list_unsubscribe(https_url: str, mailto: str | None) -> str:
             with ``mailto:`` or has no address, or either holds white space, ``<``, ``>``, ``,``,
             quotes, control or non-ASCII characters.
     """
+    return _list_unsubscribe(https_url, mailto)
+
+
+@lru_cache(maxsize=64)
+def _list_unsubscribe(https_url: str, mailto: str | None) -> str:
+    """:func:`build_list_unsubscribe`, kept for the last links: composing one message checks
+    its links twice (footer context, then headers). An error is raised again, never kept."""
     _check_uri(https_url, "unsubscribe URL")
     if not https_url.lower().startswith("https://") or not urlsplit(https_url).hostname:
         raise InvalidMessageError(

@@ -326,10 +326,12 @@ class Store:
         """
         if self.claims.direct is not None and not self._db.closed:
             check_finish_requests(requests)
-            rows = [e._row() for e in events]
             now = datetime.now(UTC)
 
             def work(con: sqlite3.Connection) -> list[dict[str, object]]:
+                # The rows (details JSON, masking) are built in the writer thread, as for
+                # claim_and_record: the event loop's thread is the relay's bottleneck.
+                rows = [e._row() for e in events]
                 fastwrite.finish_many(con, requests, now)
                 return fastwrite.append_audit(con, rows)
 
