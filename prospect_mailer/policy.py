@@ -87,29 +87,36 @@ class Rule:
     check: Callable[[_Ctx], RuleResult] = field(repr=False)
 
 
+def _result(rule_id: str, outcome: RuleOutcome, reason: str) -> RuleResult:
+    """A :class:`RuleResult` without pydantic's validation: every field is this module's own
+    (rule ids and outcomes are literals here, reasons are built from validated models), and
+    validating each result cost about 2% of a relayed message."""
+    return RuleResult.model_construct(rule_id=rule_id, outcome=outcome, reason=reason)
+
+
 @lru_cache(maxsize=256)
 def _fixed(rule_id: str, outcome: RuleOutcome, reason: str = "") -> RuleResult:
     """A result whose reason holds no data of the prospect (none, or only the campaign's or
     the classifier's): an immutable value, built once (a pydantic model costs 1.5 µs, and every
     send decides eleven rules, twice in the relay). A reason with the prospect's own data
     (consent reference, job title, dates) is never kept: call :class:`RuleResult` for it."""
-    return RuleResult(rule_id=rule_id, outcome=outcome, reason=reason)
+    return _result(rule_id, outcome, reason)
 
 
 def _ok(rule_id: str, reason: str = "") -> RuleResult:
     if not reason:
         return _fixed(rule_id, "pass")
-    return RuleResult(rule_id=rule_id, outcome="pass", reason=reason)
+    return _result(rule_id, "pass", reason)
 
 
 def _fail(rule_id: str, reason: str) -> RuleResult:
-    return RuleResult(rule_id=rule_id, outcome="fail", reason=reason)
+    return _result(rule_id, "fail", reason)
 
 
 def _na(rule_id: str, reason: str = "") -> RuleResult:
     if not reason:
         return _fixed(rule_id, "not_applicable")
-    return RuleResult(rule_id=rule_id, outcome="not_applicable", reason=reason)
+    return _result(rule_id, "not_applicable", reason)
 
 
 def effective_recipient_type(prospect: Prospect, facts: Facts) -> RecipientType:
@@ -267,10 +274,10 @@ def _role(c: _Ctx) -> RuleResult:
     if declared == "generic_role" and not c.facts.role_address:
         # Not a block by itself: the recipient is then treated as an individual, and the
         # consent rule decides. Recorded so that the downgrade is visible in the audit.
-        return RuleResult(
-            rule_id=rid,
-            outcome="warn",
-            reason=f"declared generic_role but not a role mailbox ({c.facts.classifier_version});"
+        return _result(
+            rid,
+            "warn",
+            f"declared generic_role but not a role mailbox ({c.facts.classifier_version});"
             " treated as individual",
         )
     if c.rtype == "generic_role":
@@ -354,9 +361,7 @@ def _retention(c: _Ctx) -> RuleResult:
     if not status.expired:
         return _ok(rid, f"within retention until {expiry.date()}")
     if c.campaign.repermission and not c.facts.repermission_already_sent:
-        return RuleResult(
-            rule_id=rid, outcome="warn", reason="past retention: re-permission message"
-        )
+        return _result(rid, "warn", "past retention: re-permission message")
     return _fail(rid, f"past retention since {expiry.date()} (last prospect contact {ref.date()})")
 
 
@@ -391,10 +396,10 @@ def _art14(c: _Ctx) -> RuleResult:
         and p.collected_at is not None
         and c.now - p.collected_at > ARTICLE14_NOTICE_DELAY
     ):
-        return RuleResult(
-            rule_id=rid,
-            outcome="warn",
-            reason=f"first contact more than a month after collection ({p.collected_at.date()})",
+        return _result(
+            rid,
+            "warn",
+            f"first contact more than a month after collection ({p.collected_at.date()})",
         )
     return _fixed(
         rid, "pass", "origin notice in footer" + ("" if c.facts.prior_contact else ", first")
@@ -454,7 +459,7 @@ def decide(prospect: Prospect, campaign: Campaign, facts: Facts, now: datetime) 
         prospecting=campaign.purpose != "transactional",
     )
     results = tuple(rule.check(ctx) for rule in RULES)
-    return Decision(
+    return Decision.model_construct(  # not validated: see _result
         allowed=not any(r.outcome == "fail" for r in results),
         results=results,
         effective_recipient_type=ctx.rtype,

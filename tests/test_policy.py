@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from prospect_mailer.models import Advertiser, Campaign, Prospect
+from prospect_mailer.models import Advertiser, Campaign, Decision, Prospect, RuleResult
 from prospect_mailer.policy import RULES, Facts, SuppressionMatch, decide, explain
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -426,6 +426,11 @@ def test_property_decision_is_consistent(p: Prospect, role: bool, prior: bool) -
     # an individual (effective type) is only allowed with consent or full soft opt-in
     if d.allowed and d.effective_recipient_type == "individual":
         assert p.legal_basis in ("consent", "soft_opt_in")
+    # The policy builds its results without pydantic's validation (speed): validating them
+    # must change nothing, down to the whitespace of a reason.
+    assert Decision.model_validate(d.model_dump()) == d
+    for r in d.results:
+        assert RuleResult.model_validate(r.model_dump()).model_dump() == r.model_dump()
 
 
 def test_prospect_name_with_line_break_refused() -> None:
