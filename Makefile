@@ -74,6 +74,7 @@ bench: bench-tools
 	$(BIN)/python -m bench.audit --records 20000
 	$(BIN)/python -m bench.mime --calls 500 --sizes 2k --kinds stdlib,bytes,full,relay
 	$(BIN)/python -m bench.memory --prospects 500000 --sends 10000 --big-mb 20
+	$(BIN)/python -m bench.instructions --messages 400 --sizes 2k
 
 bench-full: bench-tools
 	$(BIN)/python -m bench.library --messages 2000 --sizes 2k,100k
@@ -82,10 +83,13 @@ bench-full: bench-tools
 	$(BIN)/python -m bench.audit --records 20000
 	$(BIN)/python -m bench.mime
 	$(BIN)/python -m bench.memory --prospects 1000000 --sends 20000 --big-mb 20
+	$(BIN)/python -m bench.instructions --messages 400 --sizes 2k,100k
 
 bench-tools: $(VENV)/.installed-test
 	@if [ "$$(id -u)" = 0 ] && ! command -v smtp-sink >/dev/null && [ ! -x /usr/sbin/smtp-sink ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix; fi
+	@if [ "$$(id -u)" = 0 ] && ! command -v valgrind >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind; fi
 
 clean:
 	rm -rf $(VENV) build dist demo-output .mypy_cache .ruff_cache .pytest_cache
