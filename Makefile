@@ -66,7 +66,7 @@ test: sysdeps lint typecheck pytest wheel-check
 # `make bench` is the quick run (under 5 minutes on 2 cores; its dry run streams 500,000 CSV
 # rows: memory is flat in the row count); `make bench-full` is the one the README's figures come
 # from (more messages, relay worker processes, every MIME shape, the dry run over the 1,000,000
-# rows of the memory target).
+# rows of the memory target, and the instruction counts under valgrind, about 4 minutes more).
 bench: bench-tools
 	$(BIN)/python -m bench.library --messages 1000 --sizes 2k,100k
 	$(BIN)/python -m bench.relay --messages 500 --sizes 2k,100k,5m --workers 1
@@ -74,7 +74,6 @@ bench: bench-tools
 	$(BIN)/python -m bench.audit --records 20000
 	$(BIN)/python -m bench.mime --calls 500 --sizes 2k --kinds stdlib,bytes,full,relay
 	$(BIN)/python -m bench.memory --prospects 500000 --sends 10000 --big-mb 20
-	$(BIN)/python -m bench.instructions --messages 400 --sizes 2k
 
 bench-full: bench-tools
 	$(BIN)/python -m bench.library --messages 2000 --sizes 2k,100k
