@@ -15,6 +15,7 @@ the outcome is ``deferred`` (temporary) or ``failed`` (permanent), never ``sent`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import uuid
@@ -439,7 +440,7 @@ class Pipeline:
     ) -> Outcome:
         assert p.message is not None
         email_addr = p.item.prospect.email
-        async with limit or _NO_LIMIT:
+        async with limit or contextlib.nullcontext():  # a single send: nothing to bound
             try:
                 delivery = await self.transport.send(
                     p.message,
@@ -510,19 +511,6 @@ class Pipeline:
             await self.store.audit.append(events)
         except StoreError:
             return  # the store is down: the log line is all that can be written
-
-
-class _NoLimit:
-    """``async with`` that waits for nothing (a single send has no concurrency to bound)."""
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-
-_NO_LIMIT = _NoLimit()
 
 
 async def _cancel_pending(slots: Sequence[Outcome | asyncio.Future[Outcome]]) -> None:

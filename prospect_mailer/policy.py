@@ -99,7 +99,7 @@ def _fixed(rule_id: str, outcome: RuleOutcome, reason: str = "") -> RuleResult:
     """A result whose reason holds no data of the prospect (none, or only the campaign's or
     the classifier's): an immutable value, built once (a pydantic model costs 1.5 µs, and every
     send decides eleven rules, twice in the relay). A reason with the prospect's own data
-    (consent reference, job title, dates) is never kept: call :class:`RuleResult` for it."""
+    (consent reference, job title, dates) is never kept: call :func:`_result` for it."""
     return _result(rule_id, outcome, reason)
 
 

@@ -20,6 +20,7 @@ import hmac
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Literal
 
 from itsdangerous import BadSignature, URLSafeSerializer
@@ -34,8 +35,6 @@ _SHORT_SALT = b"prospect-mailer.mailto.v1"
 _MIN_KEY_BYTES = 16
 _SHORT_ID_BYTES = 10
 _SHORT_MAC_BYTES = 10
-#: Campaigns whose token JSON tail is kept (cleared when full: one entry per campaign).
-_TAIL_CACHE = 1024
 
 Scope = Literal["global", "advertiser", "campaign"]
 
@@ -67,6 +66,14 @@ def _canonical_b64(text: str) -> bool:
     return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=") == text
 
 
+@lru_cache(maxsize=1024)
+def _payload_tail(advertiser_id: str, campaign_id: str, scope: str, locale: str) -> bytes:
+    """The token's JSON after ``"r"`` (the same for every recipient of one campaign):
+    ``"a":...,"c":...,"s":...,"l":...}``."""
+    rest = {"a": advertiser_id, "c": campaign_id, "s": scope, "l": locale}
+    return json.dumps(rest, ensure_ascii=False, separators=(",", ":"))[1:].encode("utf-8")
+
+
 class TokenSigner:
     """Signs and verifies unsubscribe tokens with rotating keys.
 
@@ -93,7 +100,6 @@ class TokenSigner:
         )
         # itsdangerous derives the signing key ("django-concat") on every call: once is enough.
         self._signing_key = hashlib.sha256(_SALT.encode() + b"signer" + raw[-1]).digest()
-        self._tails: dict[tuple[str, str, str, str], bytes] = {}
 
     # -- HTTPS tokens ---------------------------------------------------------------------------
 
@@ -109,32 +115,14 @@ class TokenSigner:
         raw_hash = bytes.fromhex(token.recipient_hash)
         if len(raw_hash) != 32:
             raise ValueError("recipient_hash must be 64 hex digits")
-        tail = self._tails.get((token.advertiser_id, token.campaign_id, token.scope, token.locale))
-        if tail is None:
-            tail = self._tail(token)
         data = b'{"v":%d,"r":"%s",%s' % (
             TOKEN_VERSION,
             base64.urlsafe_b64encode(raw_hash)[:43],
-            tail,
+            _payload_tail(token.advertiser_id, token.campaign_id, token.scope, token.locale),
         )
         body = base64.urlsafe_b64encode(data).rstrip(b"=")
         mac = hmac.digest(self._signing_key, body, "sha256")
         return (body + b"." + base64.urlsafe_b64encode(mac).rstrip(b"=")).decode("ascii")
-
-    def _tail(self, token: UnsubscribeToken) -> bytes:
-        """The JSON after ``"r"`` (the same for every recipient of one campaign): cached."""
-        rest = {
-            "a": token.advertiser_id,
-            "c": token.campaign_id,
-            "s": token.scope,
-            "l": token.locale,
-        }
-        text = json.dumps(rest, ensure_ascii=False, separators=(",", ":"))
-        tail = text[1:].encode("utf-8")  # '"a":...}' without the opening brace
-        if len(self._tails) >= _TAIL_CACHE:
-            self._tails.clear()
-        self._tails[(token.advertiser_id, token.campaign_id, token.scope, token.locale)] = tail
-        return tail
 
     def verify(self, value: str) -> UnsubscribeToken:
         """Check the signature and return the payload.
