@@ -66,7 +66,8 @@ test: sysdeps lint typecheck pytest wheel-check
 # `make bench` is the quick run (under 5 minutes on 2 cores; its dry run streams 500,000 CSV
 # rows: memory is flat in the row count); `make bench-full` is the one the README's figures come
 # from (more messages, relay worker processes, every MIME shape, the dry run over the 1,000,000
-# rows of the memory target, and the instruction counts under valgrind, about 4 minutes more).
+# rows of the memory target, audit appends onto a 2,000,000-record log (time-ordered ids against
+# random ones), and the instruction counts under valgrind, about 5 minutes more).
 bench: bench-tools
 	$(BIN)/python -m bench.library --messages 1000 --sizes 2k,100k
 	$(BIN)/python -m bench.relay --messages 500 --sizes 2k,100k,5m --workers 1
@@ -80,6 +81,7 @@ bench-full: bench-tools
 	$(BIN)/python -m bench.relay --messages 1000 --sizes 2k,100k,5m --workers 2
 	$(BIN)/python -m bench.suppression --entries 10000000
 	$(BIN)/python -m bench.audit --records 20000
+	$(BIN)/python -m bench.audit_ids --prefill 2000000 --records 20000
 	$(BIN)/python -m bench.mime
 	$(BIN)/python -m bench.memory --prospects 1000000 --sends 20000 --big-mb 20
 	$(BIN)/python -m bench.instructions --messages 400 --sizes 2k,100k

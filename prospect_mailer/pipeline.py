@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,6 +36,7 @@ from .errors import (
     TransportError,
     TransportPermanentError,
 )
+from .ids import new_id
 from .models import Campaign, Outcome, Prospect
 from .sendplan import (
     Finisher,
@@ -257,7 +257,7 @@ class Pipeline:
             plan = Plan(
                 item,
                 decision,
-                uuid.uuid4().hex,
+                new_id(),
                 audit_base(
                     item,
                     campaign,
@@ -494,7 +494,7 @@ class Pipeline:
             AuditEvent(
                 kind="send",
                 status="failed",
-                send_id=uuid.uuid4().hex,
+                send_id=new_id(),
                 campaign_id=campaign.id,
                 step=campaign.step,
                 advertiser_id=campaign.advertiser.id,

@@ -13,13 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
 from ..errors import InvalidInputError
+from ..ids import new_id
 from .suppression import check_hash
 from .tables import AUDIT_EVENTS
 
@@ -192,7 +192,7 @@ class AuditEvent:
         if len(details) > _MAX_DETAILS:
             raise InvalidInputError("audit details exceed 64 KiB: identifiers only, no bodies")
         return {
-            "event_id": uuid.uuid4().hex,
+            "event_id": new_id(),
             "send_id": self.send_id,
             "created_at": iso_utc(self.created_at or datetime.now(UTC)),
             "kind": self.kind,
