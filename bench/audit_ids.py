@@ -27,10 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from prospect_mailer.ids import new_id
-from prospect_mailer.store import AuditEvent, Store, audit_records, sqlite_url
+from prospect_mailer.store import GENESIS_HASH, AuditEvent, Store, audit_records, sqlite_url
 
 from .common import CACHE, ROOT
-from .suppression_db import schema
+from .suppression_db import build_cached
 
 _COLUMNS = (
     "seq", "event_id", "send_id", "created_at", "kind", "status", "campaign_id", "step",
@@ -47,43 +47,35 @@ def prefilled(records: int) -> Path:
     path = CACHE / f"audit-{records}.db"
     if path.exists():
         return path
-    tmp = path.with_suffix(".building")
-    tmp.unlink(missing_ok=True)
-    schema(tmp)
-    started = time.perf_counter()
-    con = sqlite3.connect(tmp)
-    con.execute("PRAGMA journal_mode=OFF")
-    con.execute("PRAGMA synchronous=OFF")
-    indexes = con.execute(
-        "SELECT name, sql FROM sqlite_master WHERE type='index' AND tbl_name='audit_events'"
-        " AND sql IS NOT NULL"
-    ).fetchall()
-    for name, _ in indexes:
-        con.execute(f'DROP INDEX "{name}"')
-    insert = (
-        f"INSERT INTO audit_events ({', '.join(_COLUMNS)}) "
-        f"VALUES ({', '.join('?' * len(_COLUMNS))})"
-    )
-    batch = 50_000
-    for start in range(0, records, batch):
-        rows = []
-        for seq in range(start + 1, min(records, start + batch) + 1):
-            h = os.urandom(32).hex()
-            rows.append(
-                (seq, uuid.uuid4().hex, uuid.uuid4().hex, f"2026-01-01T00:00:00.{seq:06d}+00:00",
-                 "send", "sent", "bench", 1, "acme", "prospecting", os.urandom(32).hex(),
-                 "p***@x.example", f"<{seq}@acme.example>", "library", "", _DETAILS, h, h)
-            )  # fmt: skip
-        con.executemany(insert, rows)
-    for _, sql in indexes:
-        con.execute(sql)
-    con.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (records, h))
-    con.commit()
-    con.execute("PRAGMA journal_mode=WAL")
-    con.close()
-    shutil.move(tmp, path)
-    print(f"built {path.name}: {records} audit records in {time.perf_counter() - started:.0f} s")
-    return path
+
+    def fill(con: sqlite3.Connection) -> None:
+        indexes = con.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type='index' AND tbl_name='audit_events'"
+            " AND sql IS NOT NULL"
+        ).fetchall()
+        for name, _ in indexes:
+            con.execute(f'DROP INDEX "{name}"')
+        insert = (
+            f"INSERT INTO audit_events ({', '.join(_COLUMNS)}) "
+            f"VALUES ({', '.join('?' * len(_COLUMNS))})"
+        )
+        h = GENESIS_HASH
+        for start in range(0, records, 50_000):
+            rows = []
+            for seq in range(start + 1, min(records, start + 50_000) + 1):
+                h = os.urandom(32).hex()
+                rows.append(
+                    (seq, uuid.uuid4().hex, uuid.uuid4().hex,
+                     f"2026-01-01T00:00:00.{seq:06d}+00:00", "send", "sent", "bench", 1, "acme",
+                     "prospecting", os.urandom(32).hex(), "p***@x.example",
+                     f"<{seq}@acme.example>", "library", "", _DETAILS, h, h)
+                )  # fmt: skip
+            con.executemany(insert, rows)
+        for _, sql in indexes:
+            con.execute(sql)
+        con.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (records, h))
+
+    return build_cached(path, f"{records} audit records", fill)
 
 
 def event(i: int, send_id: str) -> AuditEvent:

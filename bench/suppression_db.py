@@ -7,6 +7,7 @@ import hashlib
 import shutil
 import sqlite3
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +36,35 @@ def cached_store(entries: int) -> Path:
     if path.exists():
         schema(path)  # a cache built by an older schema is migrated once
         return path
+
+    def fill(con: sqlite3.Connection) -> None:
+        now = datetime.now(UTC).isoformat()
+        batch = 100_000
+        for start in range(0, entries, batch):
+            rows = [
+                (
+                    "address",
+                    hashlib.sha256(f"suppressed{i}@list.example".encode()).hexdigest(),
+                    "advertiser",
+                    "acme",
+                    "unsubscribe",
+                    "bench",
+                    now,
+                )
+                for i in range(start, min(entries, start + batch))
+            ]
+            con.executemany(
+                "INSERT INTO suppression (kind, key_hash, scope, scope_value, reason, source,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    return build_cached(path, f"{entries} entries", fill)
+
+
+def build_cached(path: Path, what: str, fill: Callable[[sqlite3.Connection], None]) -> Path:
+    """Build the store file ``path`` once: the store's schema, then ``fill(connection)`` with
+    journaling and syncing off (a half-built file is never at ``path``), then WAL mode."""
     tmp = path.with_suffix(".building")
     for p in tmp.parent.glob(tmp.name + "*"):
         p.unlink()
@@ -43,31 +73,12 @@ def cached_store(entries: int) -> Path:
     con = sqlite3.connect(tmp)
     con.execute("PRAGMA journal_mode=OFF")
     con.execute("PRAGMA synchronous=OFF")
-    now = datetime.now(UTC).isoformat()
-    batch = 100_000
-    for start in range(0, entries, batch):
-        rows = [
-            (
-                "address",
-                hashlib.sha256(f"suppressed{i}@list.example".encode()).hexdigest(),
-                "advertiser",
-                "acme",
-                "unsubscribe",
-                "bench",
-                now,
-            )
-            for i in range(start, min(entries, start + batch))
-        ]
-        con.executemany(
-            "INSERT INTO suppression (kind, key_hash, scope, scope_value, reason, source,"
-            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
+    fill(con)
     con.commit()
     con.execute("PRAGMA journal_mode=WAL")
     con.close()
     shutil.move(tmp, path)
-    print(f"built {path.name}: {entries} entries in {time.perf_counter() - started:.0f} s")
+    print(f"built {path.name}: {what} in {time.perf_counter() - started:.0f} s")
     return path
 
 
