@@ -13,25 +13,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
 
+from prospect_mailer.ids import new_id
 from prospect_mailer.store import AuditEvent, Store, sqlite_url
 
 from .common import ROOT
 
 
 def event(i: int) -> AuditEvent:
+    # As real sends have them: a send id drawn as the pipeline draws it, and a recipient hash
+    # as random as SHA-256 makes it (its index is written at a random place each time).
     return AuditEvent(
         kind="send",
         status="sent",
-        send_id=f"{i:032x}",
+        send_id=new_id(),
         campaign_id="bench",
         step=1,
         advertiser_id="acme",
         purpose="prospecting",
-        recipient_hash=f"{i:064x}",
+        recipient_hash=os.urandom(32).hex(),
         recipient_masked="p***@x.example",
         message_id=f"<{i:032x}@acme.example>",
         transport="library",
