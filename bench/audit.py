@@ -24,13 +24,13 @@ from prospect_mailer.store import AuditEvent, Store, sqlite_url
 from .common import ROOT
 
 
-def event(i: int) -> AuditEvent:
-    # As real sends have them: a send id drawn as the pipeline draws it, and a recipient hash
-    # as random as SHA-256 makes it (its index is written at a random place each time).
+def event(i: int, send_id: str | None = None) -> AuditEvent:
+    """Record ``i`` of a send, as real sends have them: a send id drawn as the pipeline draws
+    it (unless given), and a recipient hash as random as SHA-256 makes it."""
     return AuditEvent(
         kind="send",
         status="sent",
-        send_id=new_id(),
+        send_id=send_id or new_id(),
         campaign_id="bench",
         step=1,
         advertiser_id="acme",

@@ -27,8 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from prospect_mailer.ids import new_id
-from prospect_mailer.store import GENESIS_HASH, AuditEvent, Store, audit_records, sqlite_url
+from prospect_mailer.store import GENESIS_HASH, Store, audit_records, sqlite_url
 
+from .audit import event
 from .common import CACHE, ROOT
 from .suppression_db import build_cached
 
@@ -76,23 +77,6 @@ def prefilled(records: int) -> Path:
         con.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (records, h))
 
     return build_cached(path, f"{records} audit records", fill)
-
-
-def event(i: int, send_id: str) -> AuditEvent:
-    return AuditEvent(
-        kind="send",
-        status="sent",
-        send_id=send_id,
-        campaign_id="bench",
-        step=1,
-        advertiser_id="acme",
-        purpose="prospecting",
-        recipient_hash=os.urandom(32).hex(),
-        recipient_masked="p***@x.example",
-        message_id=f"<{i:032x}@acme.example>",
-        transport="library",
-        details={"smtp_code": 250, "smtp_reply": "2.0.0 Ok: queued", "legal_basis": "consent"},
-    )
 
 
 async def append(path: Path, n: int, writers: int, make_id: Callable[[], str]) -> float:
