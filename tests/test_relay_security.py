@@ -13,6 +13,7 @@ from relay_fixtures import (
     PAUL,
     MakeRelayEnv,
     RelayEnv,
+    close_client,
     raw_exchange,
     relay_message,
     smtp_exchange,
@@ -138,8 +139,7 @@ async def test_connections_per_client_are_limited(make_relay_env: MakeRelayEnv) 
         assert b"Too many connections" in greetings[2]
     finally:
         for _, w in opened:
-            w.close()
-            await w.wait_closed()
+            await close_client(w)
 
 
 async def test_opt_out_address_is_accepted_from_anywhere_but_nothing_else(
@@ -225,8 +225,7 @@ async def test_shutdown_finishes_the_transaction_in_flight_then_answers_421(
             await asyncio.open_connection("127.0.0.1", relay_env.port)  # no longer listening
     finally:
         for w in (writer, idle_writer):
-            w.close()
-            await w.wait_closed()
+            await close_client(w)
 
 
 async def test_connection_counts_return_to_zero_for_any_peer(make_relay_env: MakeRelayEnv) -> None:
