@@ -28,16 +28,13 @@ from pathlib import Path
 
 from prospect_mailer.ids import new_id
 from prospect_mailer.store import GENESIS_HASH, Store, audit_records, sqlite_url
+from prospect_mailer.store.tables import AUDIT_EVENTS
 
 from .audit import event
-from .common import CACHE, ROOT
+from .common import CACHE, ROOT, read_through
 from .suppression_db import build_cached
 
-_COLUMNS = (
-    "seq", "event_id", "send_id", "created_at", "kind", "status", "campaign_id", "step",
-    "advertiser_id", "purpose", "recipient_hash", "recipient_masked", "message_id", "transport",
-    "rule_ids", "details", "prev_hash", "hash",
-)  # fmt: skip
+_COLUMNS = tuple(c.name for c in AUDIT_EVENTS.c)  # the order of the rows below
 _DETAILS = json.dumps({"smtp_code": 250, "smtp_reply": "2.0.0 Ok: queued", "n": "x" * 200})
 
 
@@ -117,9 +114,7 @@ def main() -> None:
             for name, make_id in kinds.items():
                 copy = Path(tmp) / "audit.db"
                 shutil.copyfile(source, copy)
-                with copy.open("rb") as f:  # warm the OS cache, as a running service has it
-                    while f.read(16 * 1024 * 1024):
-                        pass
+                read_through(copy)  # warm the OS cache, as a running service has it
                 rates[name].append(
                     a.records / asyncio.run(append(copy, a.records, a.writers, make_id))
                 )

@@ -47,6 +47,13 @@ class Result:
         return self.cpu_seconds / self.messages * 1e6 if self.messages else 0.0
 
 
+def read_through(path: Path) -> None:
+    """Read ``path`` once, so that the OS page cache holds it (as a running service has it)."""
+    with path.open("rb") as f:
+        while f.read(16 * 1024 * 1024):
+            pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

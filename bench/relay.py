@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import os
 import random
 import shutil
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from prospect_mailer.relay_workers import event_loop_factory
@@ -126,11 +128,13 @@ def ceiling(sink_port: int, msg: Path, n: int, sessions: int, reuse: bool) -> Re
     return Result(name, n, wall, 0.0, 0.0, extra={"client_errors": errors[:5], "no_server": True})
 
 
-def run(
-    kind: str, sink_port: int, msg: Path, n: int, sessions: int, reuse: bool, workers: int = 1
-) -> Result:
-    if kind == "direct":
-        return ceiling(sink_port, msg, n, sessions, reuse)
+@contextlib.contextmanager
+def serving(
+    kind: str, sink_port: int, prospects: int, workers: int = 1
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """A server in its own process, listening, forwarding to ``sink_port``: the bare proxy
+    (``kind`` "bare", or "bare-uvloop") or ours (``kind`` "ours", on a fresh store with
+    ``prospects`` registered); yields the process and its port, terminates it after."""
     port = free_port()
     with tempfile.TemporaryDirectory(dir=ROOT / "bench" / ".cache") as tmp:
         if kind.startswith("bare"):
@@ -139,20 +143,29 @@ def run(
         else:
             db = str(Path(tmp) / "relay.db")
             cmd = [sys.executable, "-m", "bench.relay_server", db, str(port), str(sink_port),
-                   str(n + 10), str(workers)]  # fmt: skip
+                   str(prospects), str(workers)]  # fmt: skip
         server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         try:
             if kind == "ours":
                 assert server.stdout is not None
                 server.stdout.readline()  # "ready" once the prospects are registered
             wait_port(port, 60)
-            cpu0 = proc_cpu(server.pid)
-            wall, errors = drive(port, msg, n, sessions, reuse)
-            cpu = proc_cpu(server.pid) - cpu0
-            rss = proc_peak_rss_mb(server.pid)
+            yield server, port
         finally:
             server.terminate()
             server.wait(30)
+
+
+def run(
+    kind: str, sink_port: int, msg: Path, n: int, sessions: int, reuse: bool, workers: int = 1
+) -> Result:
+    if kind == "direct":
+        return ceiling(sink_port, msg, n, sessions, reuse)
+    with serving(kind, sink_port, n + 10, workers) as (server, port):
+        cpu0 = proc_cpu(server.pid)
+        wall, errors = drive(port, msg, n, sessions, reuse)
+        cpu = proc_cpu(server.pid) - cpu0
+        rss = proc_peak_rss_mb(server.pid)
     who = {"bare": "bare proxy", "bare-uvloop": "bare proxy on uvloop"}.get(
         kind, f"prospect-mailer relay ({RELAY_LOOP})"
     )

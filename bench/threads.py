@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import CACHE, ROOT, free_port, smtp_sink, wait_port
-from .relay import drive, message_file
+from .common import CACHE, smtp_sink
+from .relay import drive, message_file, serving
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -59,37 +59,22 @@ def strace_counts(path: Path, messages: int) -> list[tuple[str, float]]:
 
 
 def profile(kind: str, sink: int, msg: Path, n: int, reuse: bool, trace: bool) -> None:
-    port = free_port()
-    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        if kind == "bare":
-            cmd = [sys.executable, "-m", "bench.bare_proxy", str(port), str(sink), "asyncio"]
-        else:
-            cmd = [sys.executable, "-m", "bench.relay_server", str(Path(tmp) / "relay.db"),
-                   str(port), str(sink), str(n + 210)]  # fmt: skip
-        server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    with serving(kind, sink, n + 210) as (server, port), tempfile.TemporaryDirectory() as tmp:
+        drive(port, msg, 200, 10, reuse)  # warm-up
+        trace_out = Path(tmp) / "strace.txt"
         tracer = None
-        try:
-            if kind == "relay":
-                assert server.stdout is not None
-                server.stdout.readline()  # "ready"
-            wait_port(port, 60)
-            drive(port, msg, 200, 10, reuse)  # warm-up
-            trace_out = Path(tmp) / "strace.txt"
-            if trace:
-                tracer = subprocess.Popen(
-                    ["strace", "-f", "-c", "-o", str(trace_out), "-p", str(server.pid)],
-                    stderr=subprocess.DEVNULL,
-                )
-                wait_attached(server.pid)
-            before = threads(server.pid)
-            wall, errors = drive(port, msg, n, 10, reuse)
-            after = threads(server.pid)
-            if tracer is not None:
-                tracer.send_signal(signal.SIGINT)
-                tracer.wait(30)
-        finally:
-            server.terminate()
-            server.wait(30)
+        if trace:
+            tracer = subprocess.Popen(
+                ["strace", "-f", "-c", "-o", str(trace_out), "-p", str(server.pid)],
+                stderr=subprocess.DEVNULL,
+            )
+            wait_attached(server.pid)
+        before = threads(server.pid)
+        wall, errors = drive(port, msg, n, 10, reuse)
+        after = threads(server.pid)
+        if tracer is not None:
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(30)
         label = "bare proxy" if kind == "bare" else "prospect-mailer relay"
         sessions = "reused sessions" if reuse else "a new session per message"
         note = " (under strace: only the system call counts are measurements)" if trace else ""
@@ -143,7 +128,7 @@ def main() -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, smtp_sink() as (sink, _):
         msg = message_file(Path(tmp), a.size)
-        for kind in ("bare", "relay"):
+        for kind in ("bare", "ours"):
             profile(kind, sink, msg, a.messages, not a.new_sessions, a.strace)
 
 
