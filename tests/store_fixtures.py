@@ -18,13 +18,25 @@ from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from prospect_mailer.store import Store, sqlite_url
 
 POSTGRES_ENV = "PROSPECT_MAILER_TEST_POSTGRES_URL"
 
 OpenStore = Callable[[], Awaitable[Store]]
+
+
+async def index_names(conn: AsyncConnection, table: str) -> set[str]:
+    """The names of ``table``'s indexes, from the catalogue (SQLAlchemy's reflection skips an
+    index on an expression, with a warning)."""
+    if conn.dialect.name == "sqlite":
+        query = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = :t"
+    else:
+        query = "SELECT indexname FROM pg_indexes WHERE tablename = :t"
+    return {str(n) for (n,) in await conn.execute(text(query), {"t": table})}
 
 
 def behind_the_stores_back(path: Path, statement: str) -> None:

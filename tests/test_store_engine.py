@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import create_async_engine
+from store_fixtures import index_names
 
 from prospect_mailer.addresses import normalise
 from prospect_mailer.errors import ConfigError, StoreError
@@ -81,14 +82,21 @@ async def test_newer_schema_version_is_refused(db_url: str) -> None:
         await Store.open(db_url)
 
 
-async def _indexes(store: Store) -> dict[str, list[str]]:
+async def _indexes(store: Store) -> set[str]:
     async with store.engine.connect() as conn:
-        found = await conn.run_sync(lambda c: inspect(c).get_indexes("suppression"))
-    return {str(i["name"]): list(i["column_names"]) for i in found}
+        return await index_names(conn, "suppression")
 
 
-async def _make_version_1(db_url: str, *, sabotage: bool = False) -> None:
-    """Turn a new database back into what a prospect-mailer with schema 1 wrote.
+#: The suppression lookup index each older schema version had.
+_OLD_LOOKUP_INDEX = {
+    1: "CREATE INDEX ix_suppression_key_hash ON suppression (key_hash)",
+    2: "CREATE INDEX ix_suppression_lookup ON suppression "
+    "(key_hash, kind, scope, scope_value, reason, source, created_at)",
+}
+
+
+async def _make_old_version(db_url: str, version: int = 1, *, sabotage: bool = False) -> None:
+    """Turn a new database back into what a prospect-mailer with schema ``version`` wrote.
 
     ``sabotage``: also give another table an index of the name the migration creates, so
     that the migration fails.
@@ -98,35 +106,43 @@ async def _make_version_1(db_url: str, *, sabotage: bool = False) -> None:
             "ann@example.com", scope_value="acme", reason="unsubscribe", source="web"
         )
         async with store.engine.begin() as conn:
-            await conn.execute(text("DROP INDEX ix_suppression_lookup"))
-            old_index = "CREATE INDEX ix_suppression_key_hash ON suppression (key_hash)"
-            await conn.execute(text(old_index))
-            await conn.execute(text("UPDATE schema_version SET version = 1"))
+            await conn.execute(text("DROP INDEX ix_suppression_prefix"))
+            await conn.execute(text(_OLD_LOOKUP_INDEX[version]))
+            await conn.execute(text(f"UPDATE schema_version SET version = {version}"))
             if sabotage:
-                await conn.execute(text("CREATE INDEX ix_suppression_lookup ON prospects (id)"))
+                await conn.execute(text("CREATE INDEX ix_suppression_prefix ON prospects (id)"))
 
 
-async def test_schema_1_is_migrated_to_the_covering_lookup_index(
-    db_url: str, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("old", [1, 2])
+async def test_older_schemas_are_migrated_to_the_prefix_lookup_index(
+    db_url: str, old: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    await _make_version_1(db_url)
+    await _make_old_version(db_url, old)
     # Several processes opening the old database at once: one migrates, the others wait.
     stores = await asyncio.gather(*(Store.open(db_url) for _ in range(4)))
     try:
         assert [await _version(s) for s in stores] == [CURRENT_SCHEMA_VERSION] * 4
         indexes = await _indexes(stores[0])
         assert "ix_suppression_key_hash" not in indexes
-        assert indexes["ix_suppression_lookup"] == [
-            "key_hash", "kind", "scope", "scope_value", "reason", "source", "created_at",
-        ]  # fmt: skip
+        assert "ix_suppression_lookup" not in indexes
+        assert "ix_suppression_prefix" in indexes
         key = normalise("ann@example.com").key_hash
+        # An entry written after the migration is found through the new index too.
+        await stores[1].suppression.add_address(
+            "bob@example.com", scope_value="acme", reason="manual", source="cli"
+        )
+        bob = normalise("bob@example.com").key_hash
         for s in stores:
-            (hit,) = (await s.suppression.lookup([key, "0" * 64]))[key]
+            found = await s.suppression.lookup([key, bob, "0" * 64])
+            assert sorted(found) == sorted([key, bob])
+            (hit,) = found[key]
             assert (hit.scope, hit.scope_value, hit.reason) == ("advertiser", "acme", "unsubscribe")
     finally:
         for s in stores:
             await s.close()
-    assert sum("from version 1 to 2" in r.getMessage() for r in caplog.records) == 1
+    steps = [f"from version {v} to {v + 1}" for v in range(old, CURRENT_SCHEMA_VERSION)]
+    for step in steps:
+        assert sum(step in r.getMessage() for r in caplog.records) == 1, step
 
 
 async def test_open_waits_for_another_process_upgrading_the_schema(
@@ -136,7 +152,7 @@ async def test_open_waits_for_another_process_upgrading_the_schema(
     suppression entries): a relay worker or a script opening the store meanwhile waits for it
     instead of failing, and gives up only after SCHEMA_LOCK_WAIT."""
     url = sqlite_url(tmp_path / "store.db")
-    await _make_version_1(url)
+    await _make_old_version(url)
     upgrading = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
     upgrading.execute("BEGIN IMMEDIATE")  # as a long migration in another process would
     opening = asyncio.ensure_future(Store.open(url))
@@ -150,7 +166,7 @@ async def test_open_waits_for_another_process_upgrading_the_schema(
         await store.close()
     assert any("waiting for the store's write lock" in r.getMessage() for r in caplog.records)
 
-    await _make_version_1(url)
+    await _make_old_version(url)
     monkeypatch.setattr(core, "SCHEMA_LOCK_WAIT", 0.5)
     upgrading.execute("BEGIN IMMEDIATE")
     started = time.monotonic()
@@ -163,7 +179,7 @@ async def test_open_waits_for_another_process_upgrading_the_schema(
 
 async def test_a_failed_migration_leaves_the_old_version(db_url: str) -> None:
     """The migration and the version update are one transaction."""
-    await _make_version_1(db_url, sabotage=True)
+    await _make_old_version(db_url, sabotage=True)
     with pytest.raises(StoreError, match="opening the store"):
         await Store.open(db_url)
     # Still version 1 with its old index: a fixed database migrates on the next open.
@@ -171,9 +187,7 @@ async def test_a_failed_migration_leaves_the_old_version(db_url: str) -> None:
     try:
         async with engine.connect() as conn:
             version = (await conn.execute(text("SELECT version FROM schema_version"))).scalar()
-            names = await conn.run_sync(
-                lambda c: {i["name"] for i in inspect(c).get_indexes("suppression")}
-            )
+            names = await index_names(conn, "suppression")
     finally:
         await engine.dispose()
     assert version == 1

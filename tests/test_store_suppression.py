@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import sqlite3
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -12,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, inspect
-from store_fixtures import OpenStore
+from sqlalchemy import Connection, event, inspect
+from store_fixtures import OpenStore, index_names
 
 from prospect_mailer.addresses import domain_key, domain_keys_for, normalise
 from prospect_mailer.errors import InvalidAddressError, InvalidInputError
@@ -47,12 +48,19 @@ def count_selects(store: Store) -> Iterator[list[str]]:
             reader.set_trace(None)
 
 
+def _unique_constraints(conn: Connection) -> list[Any]:
+    # SQLite reads them from its indexes, and SQLAlchemy warns of the expression index it skips.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Skipped unsupported reflection of expression-based")
+        return list(inspect(conn).get_unique_constraints("suppression"))
+
+
 async def test_suppression_table_holds_no_plaintext_pii(store: Store) -> None:
     """CNIL MED-2023-040: only a hash, the scope, the reason, the origin and the time."""
     async with store.engine.connect() as conn:
         columns = await conn.run_sync(lambda c: inspect(c).get_columns("suppression"))
-        uniques = await conn.run_sync(lambda c: inspect(c).get_unique_constraints("suppression"))
-        indexes = await conn.run_sync(lambda c: inspect(c).get_indexes("suppression"))
+        uniques = await conn.run_sync(_unique_constraints)
+        indexes = await index_names(conn, "suppression")
     names = {c["name"] for c in columns}
     assert names == {
         "id", "kind", "key_hash", "scope", "scope_value", "reason", "source", "created_at",
@@ -60,10 +68,8 @@ async def test_suppression_table_holds_no_plaintext_pii(store: Store) -> None:
     for forbidden in ("email", "address", "name", "birth", "phone", "ip"):
         assert not any(forbidden in n for n in names - {"scope_value"})
     assert [u["column_names"] for u in uniques] == [["kind", "key_hash", "scope", "scope_value"]]
-    # Covering: lookups read the index only (schema version 2).
-    assert {i["name"]: i["column_names"] for i in indexes}["ix_suppression_lookup"] == [
-        "key_hash", "kind", "scope", "scope_value", "reason", "source", "created_at",
-    ]  # fmt: skip
+    # Lookups go through the index on the key's first 16 hex digits (schema version 3).
+    assert "ix_suppression_prefix" in indexes
     # The address itself is nowhere in the file/rows after a write.
     await store.suppression.add_address(
         "Jane.Doe@Example.com", scope_value="acme", reason="unsubscribe", source="web"
@@ -287,3 +293,66 @@ async def test_sqlite_parallel_batches_read_what_a_plain_query_reads(tmp_path: P
     assert parallel == rows == plain
     # And the store turns each row into one hit.
     assert sum(len(h) for h in hits.values()) == len(plain)
+
+
+async def test_keys_sharing_the_indexed_prefix_are_told_apart(store: Store) -> None:
+    """The lookup index holds a key's first 16 hex digits only: an entry for one key must not
+    be reported for another key that begins with the same digits, alone or in a batch."""
+    common = "0123456789abcdef"
+    suppressed, other, third = (common + c * 48 for c in "abc")
+    await store.suppression.add_hashes(
+        [suppressed, third], kind="address", scope="global", scope_value="",
+        reason="unsubscribe", source="web",
+    )  # fmt: skip
+    assert await store.suppression.lookup([other]) == {}
+    assert set(await store.suppression.lookup([other, suppressed])) == {suppressed}
+    # A batch large enough for the parallel parts, with the three keys in it.
+    batch = [*_hashes(600, "absent"), other, suppressed, third]
+    found = await store.suppression.lookup(batch)
+    assert set(found) == {suppressed, third}
+    assert [h.key_hash for h in found[suppressed]] == [suppressed]
+
+
+async def test_sqlite_lookups_search_the_prefix_index(tmp_path: Path) -> None:
+    """Every statement a lookup runs (the reader's, inline and in parallel parts, and the
+    SQLAlchemy path of an in-memory store) searches ix_suppression_prefix: a statement the
+    index does not serve would scan all 10M entries."""
+    path = tmp_path / "pm.db"
+    async with Store.connect(path) as store:
+        await store.suppression.add_hashes(
+            _hashes(50), kind="address", scope="global", scope_value="", reason="import",
+            source="feed",
+        )  # fmt: skip
+        with count_selects(store) as selects:
+            await store.suppression.lookup(_hashes(3))
+            await store.suppression.lookup(_hashes(1000))
+    assert len(selects) >= 3
+    con = sqlite3.connect(path)
+    try:
+        for statement in set(selects):
+            marks = statement.count("?")
+            plan = con.execute(f"EXPLAIN QUERY PLAN {statement}", ["x"] * marks).fetchall()
+            details = " ".join(str(row[-1]) for row in plan)
+            assert "USING INDEX ix_suppression_prefix" in details, (statement, details)
+    finally:
+        con.close()
+    async with Store.connect("sqlite+aiosqlite:///:memory:") as memory:
+        assert memory.suppression.reader is None
+        seen: list[tuple[str, Any]] = []
+
+        def capture(_conn: Any, _cursor: Any, statement: str, params: Any, *_: Any) -> None:
+            if "FROM suppression" in statement and statement.lstrip().startswith("SELECT"):
+                seen.append((statement, params))
+
+        event.listen(memory.engine.sync_engine, "before_cursor_execute", capture)
+        try:
+            await memory.suppression.lookup(_hashes(5))
+        finally:
+            event.remove(memory.engine.sync_engine, "before_cursor_execute", capture)
+        plans: list[str] = []
+        async with memory.engine.connect() as conn:  # the one shared in-memory connection
+            for statement, params in seen:
+                rows = await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", params)
+                plans.append(" ".join(str(row[-1]) for row in rows))
+        assert plans
+        assert all("USING INDEX ix_suppression_prefix" in p for p in plans), plans

@@ -47,8 +47,9 @@ log = logging.getLogger("prospect_mailer.store")
 
 #: The schema version this code creates and understands.
 #: 1: the first schema. 2: the suppression lookup index covers every column a lookup reads
-#: (``ix_suppression_lookup``, replacing ``ix_suppression_key_hash``).
-CURRENT_SCHEMA_VERSION = 2
+#: (``ix_suppression_lookup``, replacing ``ix_suppression_key_hash``). 3: that index is
+#: replaced by one on the key's first 16 hex digits (``ix_suppression_prefix``).
+CURRENT_SCHEMA_VERSION = 3
 
 #: Seconds an open waits for another process creating or upgrading the schema (SQLite).
 SCHEMA_LOCK_WAIT = 900.0
@@ -69,14 +70,22 @@ def _create_tables(conn: Connection) -> None:
 
 
 def _migrate_1_to_2(conn: Connection) -> None:
-    """Replace the key-only suppression index by the covering one (about 30 s a 10M list)."""
-    lookup = next(i for i in SUPPRESSION.indexes if i.name == "ix_suppression_lookup")
-    lookup.create(conn, checkfirst=True)
+    """Version 2 replaced the key-only suppression index by a covering one, which version 3
+    replaces in turn: the key-only index goes, and the step to 3 creates what replaces both
+    (the steps run in one transaction, so version 2's index is never built for nothing)."""
     conn.execute(text("DROP INDEX IF EXISTS ix_suppression_key_hash"))
 
 
+def _migrate_2_to_3(conn: Connection) -> None:
+    """Replace the covering suppression index (about 170 bytes an entry) by the key-prefix
+    one (about 27): about 20 s and 1.4 GB less a 10M list on SQLite."""
+    prefix = next(i for i in SUPPRESSION.indexes if i.name == "ix_suppression_prefix")
+    prefix.create(conn, checkfirst=True)
+    conn.execute(text("DROP INDEX IF EXISTS ix_suppression_lookup"))
+
+
 #: ``version -> step`` bringing a database from ``version`` to ``version + 1``.
-_MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2}
+_MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 
 async def _ensure_schema(db: Database, conn: AsyncConnection) -> None:

@@ -22,14 +22,14 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Literal, NamedTuple, cast, get_args
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import ColumnElement, delete, func, literal_column, select
 
 from ..addresses import domain_key, normalise
 from ..errors import InvalidInputError
 from ..models import SuppressionReason, SuppressionScope
 from .engine import Database
 from .fastread import SQLiteReader
-from .tables import SUPPRESSION
+from .tables import SUPPRESSION, SUPPRESSION_KEY_PREFIX, SUPPRESSION_PREFIX_SQL
 
 __all__ = [
     "SUPPRESSION_KINDS",
@@ -309,8 +309,9 @@ class SuppressionList:
     async def lookup(self, keys: Sequence[str]) -> dict[str, list[SuppressionHit]]:
         """Every entry for any of ``keys`` (address keys and domain keys mixed).
 
-        Indexed ``WHERE key_hash IN (...)`` queries of at most 900 keys: one for a few keys;
-        on SQLite a large batch is split in parts read in parallel (see
+        Indexed queries on the keys' first 16 hex digits (``ix_suppression_prefix``), at most
+        900 a statement, whose rows are kept for the keys asked only: one statement for a few
+        keys; on SQLite a large batch is split in parts read in parallel (see
         :mod:`~prospect_mailer.store.fastread`). No scope filtering: the policy decides which
         hits apply to a send.
 
@@ -327,6 +328,7 @@ class SuppressionList:
             return found
         if self.reader is not None and not self._db.closed:
             times: dict[str, datetime] = {}  # one parse per distinct timestamp
+            # The reader keeps only the rows of the keys asked.
             for kind, key, scope, value, reason, source, created in await self.reader.lookup(
                 wanted
             ):
@@ -339,13 +341,19 @@ class SuppressionList:
             return found
         t = SUPPRESSION
         columns = (t.c.kind, t.c.key_hash, t.c.scope, t.c.scope_value, t.c.reason, t.c.source)
+        # Spelt as the index spells it (a bound 1 or 16 would not match the index).
+        prefix: ColumnElement[str] = literal_column(SUPPRESSION_PREFIX_SQL)
+        prefixes = list(dict.fromkeys(key[:SUPPRESSION_KEY_PREFIX] for key in wanted))
+        asked = set(wanted)
         async with self._db.connection("suppression lookup") as conn:
-            for start in range(0, len(wanted), _LOOKUP_CHUNK):
-                chunk = wanted[start : start + _LOOKUP_CHUNK]
+            for start in range(0, len(prefixes), _LOOKUP_CHUNK):
+                chunk = prefixes[start : start + _LOOKUP_CHUNK]
                 result = await conn.execute(
-                    select(*columns, t.c.created_at).where(t.c.key_hash.in_(chunk))
+                    select(*columns, t.c.created_at).where(prefix.in_(chunk))
                 )
                 for kind, key, scope, value, reason, source, created in result:
+                    if key not in asked:
+                        continue  # another key with the same first 16 digits
                     hit = SuppressionHit(
                         kind=cast(SuppressionKind, kind),
                         key_hash=key,

@@ -26,6 +26,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlmodel import Field, SQLModel
 
@@ -38,7 +39,8 @@ __all__ = [
     "SEND_CLAIMS",
     "STORE_TABLES",
     "SUPPRESSION",
-    "SUPPRESSION_LOOKUP_COLUMNS",
+    "SUPPRESSION_KEY_PREFIX",
+    "SUPPRESSION_PREFIX_SQL",
     "AuditEventRow",
     "AuditHeadRow",
     "CampaignRow",
@@ -49,10 +51,11 @@ __all__ = [
 ]
 
 _HASH = 64  # lower-case hex SHA-256
-#: The suppression lookup index: the key first, then every column a lookup returns.
-SUPPRESSION_LOOKUP_COLUMNS = (
-    "key_hash", "kind", "scope", "scope_value", "reason", "source", "created_at",
-)  # fmt: skip
+#: Hex digits of a suppression key that the lookup index holds (64 bits: no two keys share
+#: them in practice, and a lookup compares the whole key anyway).
+SUPPRESSION_KEY_PREFIX = 16
+#: The lookup index's expression; a lookup must spell it exactly so for the index to serve it.
+SUPPRESSION_PREFIX_SQL = f"substr(key_hash, 1, {SUPPRESSION_KEY_PREFIX})"
 # 64-bit chain positions on PostgreSQL; on SQLite ``INTEGER PRIMARY KEY`` (the rowid) is 64-bit.
 _SEQ = BigInteger().with_variant(Integer, "sqlite")
 
@@ -73,8 +76,10 @@ class SuppressionRow(SQLModel, table=True):
     __tablename__ = "suppression"
     __table_args__ = (
         UniqueConstraint("kind", "key_hash", "scope", "scope_value", name="uq_suppression_entry"),
-        # Covering: a lookup reads this index only, never the table (schema version 2).
-        Index("ix_suppression_lookup", *SUPPRESSION_LOOKUP_COLUMNS),
+        # The key's first 16 hex digits (schema version 3): about 27 bytes an entry, a sixth
+        # of the covering index it replaced, so a probe for an absent key (nearly every key
+        # of a prospect list) reads fewer pages; a hit reads its row from the table.
+        Index("ix_suppression_prefix", text(SUPPRESSION_PREFIX_SQL)),
         CheckConstraint("kind IN ('address', 'domain')", name="ck_suppression_kind"),
         CheckConstraint(
             "scope IN ('global', 'advertiser', 'campaign')", name="ck_suppression_scope"
