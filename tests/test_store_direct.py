@@ -200,17 +200,18 @@ async def test_writer_takes_the_lock_as_soon_as_another_process_frees_it(tmp_pat
 def test_writer_gives_up_on_a_lock_held_too_long(tmp_path: Path) -> None:
     path = tmp_path / "pm.db"
     sqlite3.connect(path).execute("CREATE TABLE t (x)").connection.close()
+    # The writer's connection has SQLite's busy handler off: the writer polls instead.
+    writer = fastwrite.SQLiteWriter(str(path))
+    con = writer._connection()
+    assert con.execute("PRAGMA busy_timeout").fetchone() == (0,)
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
-    con = sqlite3.connect(path, isolation_level=None)
     started = time.monotonic()
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         fastwrite._begin_immediate(con, timeout=0.2)
     assert 0.15 < time.monotonic() - started < 1
-    # The connection's busy timeout is back to the store's 10 s.
-    assert con.execute("PRAGMA busy_timeout").fetchone() == (10000,)
     holder.close()
-    con.close()
+    writer.close()
 
 
 async def test_orm_writes_take_the_lock_as_soon_as_another_process_frees_it(
@@ -237,3 +238,133 @@ async def test_orm_writes_take_the_lock_as_soon_as_another_process_frees_it(
         other.close()
         assert await store.suppression.count() == 1
     assert waited < 0.05
+
+
+def _hash(n: int) -> str:
+    return hashlib.sha256(f"r{n}@example.com".encode()).hexdigest()
+
+
+def _finish_of(send_id: str, n: int, status: str = "sent") -> FinishRequest:
+    return FinishRequest(
+        campaign_id="spring",
+        step=1,
+        recipient_hash=_hash(n),
+        send_id=send_id,
+        status=status,  # type: ignore[arg-type]
+        message_id=f"<{send_id}@acme.example>",
+    )
+
+
+async def _claim_rows(store: Store) -> list[tuple[object, ...]]:
+    async with store.engine.connect() as conn:
+        rows = await conn.execute(
+            select(
+                SEND_CLAIMS.c.recipient_hash, SEND_CLAIMS.c.status, SEND_CLAIMS.c.send_id,
+                SEND_CLAIMS.c.message_id,
+            ).order_by(SEND_CLAIMS.c.recipient_hash)
+        )  # fmt: skip
+        return [tuple(r) for r in rows]
+
+
+@pytest.mark.parametrize("size", [5, 1_203])
+async def test_batched_statements_decide_as_the_orm_path_claim_by_claim(
+    tmp_path: Path, size: int
+) -> None:
+    """The direct path claims a batch in one multi-row INSERT and finishes it in one UPDATE
+    ... FROM (per 500), falling back to one claim at a time when a claim exists: on the same
+    history, it gives the results, and leaves the rows, of the SQLAlchemy path, which claims
+    one at a time. Batches over 500 take several statements."""
+
+    async def history(store: Store) -> tuple[list[object], list[int], list[object]]:
+        # Claims already there: 1 pending, 2 failed (retryable), 3 sent.
+        await store.claims.claim_many([request(f"old{i}", _hash(i)) for i in (1, 2, 3)])
+        await store.claims.finish_many([_finish_of("old2", 2, "failed"), _finish_of("old3", 3)])
+        new = await store.claims.claim_many([request(f"n{i}", _hash(i)) for i in range(4, size)])
+        mixed = await store.claims.claim_many(
+            [
+                request("m0", _hash(0)),  # new
+                request("m1", _hash(1)),  # a duplicate of a pending claim
+                request("m2", _hash(2)),  # takes the failed one over
+                request("m3", _hash(3)),  # a duplicate of a sent one
+                request("m0b", _hash(0)),  # the same key twice in the batch
+            ]
+        )
+        matched = [
+            await store.claims.finish_many([_finish_of(f"n{i}", i) for i in range(4, size)]),
+            await store.claims.finish_many(
+                [
+                    _finish_of("m0", 0),
+                    _finish_of("m2", 2, "deferred"),
+                    _finish_of("m1", 1),  # not its claim: matches nothing
+                    _finish_of("m0", 0, "failed"),  # the same claim twice: the last one wins
+                ]
+            ),
+        ]
+        return [*new, *mixed], matched, await _claim_rows(store)
+
+    async with Store.connect(sqlite_url(tmp_path / "direct.db")) as direct:
+        assert direct.claims.direct is not None
+        got = await history(direct)
+    async with Store.connect(sqlite_url(tmp_path / "orm.db")) as orm:
+        orm.claims.direct = None
+        expected = await history(orm)
+    assert got == expected
+    results, matched, rows = got
+    assert matched == [size - 4, 3]
+    assert sum(1 for r in results if r.claimed) == size - 4 + 2  # type: ignore[attr-defined]
+    assert len(rows) == size
+
+
+async def test_a_send_transaction_runs_the_same_statements_for_any_batch(tmp_path: Path) -> None:
+    """Each statement is a round trip for the GIL: a group commit of 40 sends runs as many
+    statements as one of 2 (claims with their records; results with theirs)."""
+    async with Store.connect(sqlite_url(tmp_path / "pm.db")) as store:
+        writer = store.claims.direct
+        assert writer is not None
+        seen: list[str] = []
+        await store.claims.statuses("spring", 1, [R1])  # the writer connection opens lazily
+        counts = []
+        for size, offset in ((2, 0), (40, 100)):
+            sends = [(f"s{offset + i}", offset + i) for i in range(size)]
+            writer._connection().set_trace_callback(seen.append)
+            seen.clear()
+            await store.claim_and_record(
+                [request(s, _hash(n)) for s, n in sends],
+                lambda rs, sends=sends: [  # type: ignore[misc]
+                    event(s, "pending") for s, _ in sends
+                ],
+                records=False,
+            )
+            claimed = len(seen)
+            seen.clear()
+            await store.finish_sends(
+                [_finish_of(s, n) for s, n in sends],
+                [event(s, "sent") for s, _ in sends],
+                records=False,
+            )
+            counts.append((claimed, len(seen)))
+        writer._connection().set_trace_callback(None)
+        assert counts[0] == counts[1]
+        assert counts[0] == (7, 6), seen
+        assert await store.claims.statuses("spring", 1, [_hash(100)]) == {_hash(100): "sent"}
+        assert (await store.audit.verify()).ok
+
+
+async def test_the_batched_finish_searches_each_claim_by_its_key(tmp_path: Path) -> None:
+    """One UPDATE ... FROM (VALUES ...) for many results: each row must find its claim
+    through the unique key's index, never by scanning every claim of the store."""
+    path = tmp_path / "pm.db"
+    async with Store.connect(sqlite_url(path)):
+        pass
+    sql = fastwrite._rows_sql(
+        fastwrite._FINISH_MANY_HEAD, fastwrite._FINISH_ROW, 3, fastwrite._FINISH_MANY_TAIL
+    )
+    con = sqlite3.connect(path)
+    try:
+        plan = [row[-1] for row in con.execute(f"EXPLAIN QUERY PLAN {sql}", ["x"] * 22)]
+    finally:
+        con.close()
+    claims = [p for p in plan if "send_claims" in p]
+    assert claims, plan
+    assert all(p.startswith("SEARCH send_claims USING INDEX") for p in claims), plan
+    assert "campaign_id=? AND step=? AND recipient_hash=? AND message_key=?" in claims[0]

@@ -14,14 +14,23 @@ The rows written are exactly those of the ORM path (same columns, same stored fo
 each path, may share one file: the database lock and the unique constraints decide, as before.
 
 Same PRAGMAs as every other connection (:data:`~prospect_mailer.store.engine.SQLITE_PRAGMAS`):
-WAL, ``synchronous=FULL``, a 10 s busy timeout, except while taking the write lock: SQLite's
-own busy handler sleeps 1, 2, 5, 10, 15, 20, 25... ms between attempts, so two processes
-committing hundreds of times a second (relay workers, a relay beside a ``send_many``) would
-spend most of their time asleep with the lock free. ``BEGIN IMMEDIATE`` is retried here
-instead, every 0.1 ms at first and at most every 2 ms, for the same 10 s.
+WAL, ``synchronous=FULL``, except SQLite's busy handler, which is off on this connection: it
+sleeps 1, 2, 5, 10, 15, 20, 25... ms between attempts, so two processes committing hundreds of
+times a second (relay workers, a relay beside a ``send_many``) would spend most of their time
+asleep with the lock free. ``BEGIN IMMEDIATE`` is retried here instead, every 0.1 ms at first
+and at most every 2 ms, for the store's 10 s. Once it holds the write lock, no statement of the
+transaction waits for another connection in WAL mode (the checkpoint after ``COMMIT`` is a
+passive one, which never does).
 
-Every :mod:`sqlite3` error becomes a :class:`~prospect_mailer.errors.StoreError` and rolls the
-transaction back: nothing of a failed batch is written, and the caller fails closed.
+Each statement is a round trip for the GIL: sqlite3 releases it while SQLite works, and the
+writer thread then waits to take it back from the event loop. So a transaction runs as few
+statements as it can, whatever the number of sends in it: the claims in one multi-row
+``INSERT``, the results in one ``UPDATE ... FROM (VALUES ...)``, the audit records in one
+multi-row ``INSERT`` (in statements of at most 500 rows). Measured through the relay (2 KB
+messages, 10 sessions, 4,000 messages, six interleaved pairs against the per-row statements):
+12 statements a transaction down to 7, its wall time 1.7-2.4 down to 1.6-1.9 ms (p50), futex
+calls per message 20.0 down to 17.4 and fcntl 10.9 down to 7.9 (``bench.threads --strace``);
+msgs/s moved by less than this VM's noise (means 554 against 544).
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import StoreError
 from .audit_records import chain_rows
-from .engine import SQLITE_BUSY_TIMEOUT_MS, SQLITE_PRAGMAS, WRITE_LOCK_WAIT
+from .engine import SQLITE_PRAGMAS, WRITE_LOCK_WAIT
 
 if TYPE_CHECKING:
     from .claims import ClaimRequest, ClaimResult, FinishRequest
@@ -52,9 +61,27 @@ _AUDIT_COLUMNS = (
     "advertiser_id", "purpose", "recipient_hash", "recipient_masked", "message_id", "transport",
     "rule_ids", "details", "prev_hash", "hash",
 )  # fmt: skip
-_INSERT_AUDIT = (
-    f"INSERT INTO audit_events ({', '.join(_AUDIT_COLUMNS)}) "  # noqa: S608 - constant names
-    f"VALUES ({', '.join('?' * len(_AUDIT_COLUMNS))})"
+#: Rows a multi-row statement holds at most (18 parameters a row for the audit records: well
+#: under SQLite's 32,766).
+_ROWS_PER_STATEMENT = 500
+_INSERT_AUDIT_HEAD = f"INSERT INTO audit_events ({', '.join(_AUDIT_COLUMNS)}) VALUES"
+_AUDIT_ROW = f"({', '.join('?' * len(_AUDIT_COLUMNS))})"
+_INSERT_CLAIMS_HEAD = (
+    "INSERT INTO send_claims (campaign_id, step, recipient_hash, message_key, advertiser_id,"
+    " status, send_id, message_id, updated_at) VALUES"
+)
+_CLAIM_ROW = "(?, ?, ?, ?, ?, 'pending', ?, NULL, ?)"
+# The results of many sends in one statement, each row matched on its claim's unique key (the
+# index uq_send_claims_key serves each) and its send id. SQLite names a VALUES list's columns
+# column1, column2...; the statement must begin with UPDATE for sqlite3 to report its rowcount.
+_FINISH_MANY_HEAD = (
+    "UPDATE send_claims SET status = v.column1, message_id = v.column2, updated_at = ? FROM (VALUES"
+)
+_FINISH_ROW = "(?, ?, ?, ?, ?, ?, ?)"
+_FINISH_MANY_TAIL = (
+    ") AS v WHERE send_claims.campaign_id = v.column3 AND send_claims.step = v.column4"
+    " AND send_claims.recipient_hash = v.column5 AND send_claims.message_key = v.column6"
+    " AND send_claims.send_id = v.column7"
 )
 _INSERT_CLAIM = (
     "INSERT INTO send_claims (campaign_id, step, recipient_hash, message_key, advertiser_id,"
@@ -83,25 +110,34 @@ def sqlite_datetime(value: datetime) -> str:
 def _begin_immediate(con: sqlite3.Connection, timeout: float = WRITE_LOCK_WAIT) -> None:
     """``BEGIN IMMEDIATE``, retried while another connection holds the write lock.
 
+    ``con`` should have SQLite's busy handler off (``busy_timeout=0``, as the writer's
+    connection has): otherwise each attempt first waits in SQLite's own sleeps.
+
     Raises:
         sqlite3.OperationalError: any other error, or still locked after ``timeout`` seconds.
     """
-    con.execute("PRAGMA busy_timeout=0")
-    try:
-        deadline = time.monotonic() + timeout
-        delay = 0.0001
-        while True:
-            try:
-                con.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
-                if not busy or time.monotonic() + delay > deadline:
-                    raise
-            time.sleep(delay)
-            delay = min(delay * 2, 0.002)
-    finally:
-        con.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    deadline = time.monotonic() + timeout
+    delay = 0.0001
+    while True:
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+            if not busy or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.002)
+
+
+def _rows_sql(head: str, row: str, count: int, tail: str = "") -> str:
+    """``head`` followed by ``count`` copies of the placeholder tuple ``row``, then ``tail``
+    (only placeholders are spliced in, never a value)."""
+    return f"{head} {', '.join([row] * count)}{tail}"
+
+
+def _chunks(items: Sequence[T], size: int = _ROWS_PER_STATEMENT) -> list[Sequence[T]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 class SQLiteWriter:
@@ -126,6 +162,7 @@ class SQLiteWriter:
             try:
                 for name, value in SQLITE_PRAGMAS:
                     con.execute(f"PRAGMA {name}={value}")
+                con.execute("PRAGMA busy_timeout=0")  # _begin_immediate polls instead
             except sqlite3.Error:
                 con.close()
                 raise
@@ -186,7 +223,11 @@ def append_audit(
     if found is None:
         raise StoreError("appending to the audit log failed: the chain head is missing")
     full = chain_rows(int(found[0]), str(found[1]), rows)
-    con.executemany(_INSERT_AUDIT, [tuple(r[c] for c in _AUDIT_COLUMNS) for r in full])
+    for part in _chunks(full):
+        con.execute(
+            _rows_sql(_INSERT_AUDIT_HEAD, _AUDIT_ROW, len(part)),
+            [r[c] for r in part for c in _AUDIT_COLUMNS],
+        )
     last = full[-1]
     con.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (last["seq"], last["hash"]))
     return full
@@ -195,10 +236,47 @@ def append_audit(
 def claim_many(
     con: sqlite3.Connection, requests: Sequence[ClaimRequest], now: datetime
 ) -> list[ClaimResult]:
-    """Claim each request (no ``force``); see :meth:`SendClaims.claim_many` for the rules."""
+    """Claim each request (no ``force``); see :meth:`SendClaims.claim_many` for the rules.
+
+    Nearly always every claim is new: all of them go in one multi-row ``INSERT ... ON CONFLICT
+    DO NOTHING`` (per 500), which inserted them all when its row count says so. Otherwise (a
+    duplicate, a retry taking over) that is rolled back to a savepoint and each request is
+    claimed in turn, as :func:`_claim_each` says.
+    """
     from .claims import ClaimResult
 
     stamp = sqlite_datetime(now)
+    keys = {(r.campaign_id, r.step, r.recipient_hash, r.message_key) for r in requests}
+    if len(keys) == len(requests):  # no key twice in the batch
+        con.execute("SAVEPOINT claim_many")
+        inserted = 0
+        for part in _chunks(requests):
+            params: list[object] = []
+            for r in part:
+                params += (r.campaign_id, r.step, r.recipient_hash, r.message_key)
+                params += (r.advertiser_id, r.send_id, stamp)
+            cursor = con.execute(
+                _rows_sql(_INSERT_CLAIMS_HEAD, _CLAIM_ROW, len(part), " ON CONFLICT DO NOTHING"),
+                params,
+            )
+            inserted += cursor.rowcount
+            if cursor.rowcount != len(part):
+                break
+        # The savepoint is left open (one statement less): COMMIT or ROLLBACK ends it.
+        if inserted == len(requests):
+            return [ClaimResult(claimed=True) for _ in requests]
+        con.execute("ROLLBACK TO claim_many")
+    return _claim_each(con, requests, stamp)
+
+
+def _claim_each(
+    con: sqlite3.Connection, requests: Sequence[ClaimRequest], stamp: str
+) -> list[ClaimResult]:
+    """Claim the requests one by one: a new key is claimed; the same key twice in the batch is
+    claimed by its first occurrence; an existing claim that failed or was deferred is taken
+    over (a retry); any other existing claim is a duplicate, reported with its status."""
+    from .claims import ClaimResult
+
     owners: dict[tuple[str, int, str, str], ClaimRequest] = {}
     results: list[ClaimResult] = []
     for r in requests:
@@ -248,22 +326,28 @@ def claim_many(
 
 
 def finish_many(con: sqlite3.Connection, requests: Sequence[FinishRequest], now: datetime) -> int:
-    """Finish each claim held by its ``send_id``; returns how many matched."""
+    """Finish each claim held by its ``send_id``; returns how many matched.
+
+    One ``UPDATE ... FROM (VALUES ...)`` per 500 requests; a batch finishing one claim twice
+    (which the pipeline never sends) is run request by request, so that the last one wins as
+    it always did.
+    """
     stamp = sqlite_datetime(now)
+    keys = {(r.campaign_id, r.step, r.recipient_hash, r.message_key, r.send_id) for r in requests}
+    if len(keys) != len(requests):
+        return sum(_finish_one(con, r, stamp) for r in requests)
     matched = 0
-    for r in requests:
-        cursor = con.execute(
-            _FINISH,
-            (
-                r.status,
-                r.message_id,
-                stamp,
-                r.campaign_id,
-                r.step,
-                r.recipient_hash,
-                r.message_key,
-                r.send_id,
-            ),
-        )
-        matched += cursor.rowcount == 1
+    for part in _chunks(requests):
+        params: list[object] = []
+        for r in part:
+            params += (r.status, r.message_id, r.campaign_id, r.step)
+            params += (r.recipient_hash, r.message_key, r.send_id)
+        sql = _rows_sql(_FINISH_MANY_HEAD, _FINISH_ROW, len(part), _FINISH_MANY_TAIL)
+        matched += con.execute(sql, [stamp, *params]).rowcount
     return matched
+
+
+def _finish_one(con: sqlite3.Connection, r: FinishRequest, stamp: str) -> int:
+    key = (r.campaign_id, r.step, r.recipient_hash, r.message_key)
+    cursor = con.execute(_FINISH, (r.status, r.message_id, stamp, *key, r.send_id))
+    return 1 if cursor.rowcount == 1 else 0
