@@ -12,22 +12,20 @@ from . import policy
 from .addresses import NormalisedAddress
 from .compose import RawMessage
 from .models import Campaign, Decision, Outcome, Prospect
-from .store import AuditEvent, ClaimStatus, FinishRequest, Store, SuppressionHit
+from .store import AuditEvent, ClaimStatus, FinishRequest, SuppressionHit
 
 __all__ = [
-    "Finisher",
-    "GroupCommit",
     "Item",
     "Options",
     "Plan",
+    "SendCommits",
     "audit_base",
     "chunks",
     "failed_outcome",
     "suppression_match",
 ]
 
-Req = TypeVar("Req")
-Res = TypeVar("Res")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,64 +95,75 @@ def failed_outcome(p: Plan, detail: str) -> Outcome:
     return Outcome(email=p.item.prospect.email, status="failed", send_id=p.send_id, detail=detail)
 
 
-class GroupCommit(Generic[Req, Res]):
-    """Group commit: whatever concurrent callers submit while the previous batch is being
-    committed goes into the next single call of ``commit`` (one transaction, one fsync).
+Claim = TypeVar("Claim")
+ClaimRes = TypeVar("ClaimRes")
+#: ``commit(claims, results) -> (per-claim results or the claims' error, the results' error)``
+SendCommit = Callable[
+    [list[Claim], list[tuple[FinishRequest, AuditEvent]]],
+    Awaitable[tuple[Sequence[ClaimRes] | Exception, Exception | None]],
+]
 
-    Each caller gets the results for its own items, and resumes only once they are durable;
-    an error reaches every caller of that batch. The database still decides everything
-    (uniqueness, ordering): this only groups work.
+
+class SendCommits(Generic[Claim, ClaimRes]):
+    """Group commit of claims and send results together: whatever concurrent sends submit
+    while one commit runs (claims before sending, results after) goes into the next single
+    call of ``commit`` (on a SQLite file: one transaction, one ``fsync``, for both kinds).
+
+    Each caller resumes only once its own items are durable. A batch's claims and results
+    can fail apart (see :meth:`~prospect_mailer.store.Store.commit_sends`); an error reaches
+    every caller of the kind that failed. The database still decides everything.
     """
 
-    def __init__(self, commit: Callable[[list[Req]], Awaitable[Sequence[Res]]]) -> None:
+    def __init__(self, commit: SendCommit[Claim, ClaimRes]) -> None:
         self._commit = commit
-        self._queue: list[tuple[list[Req], asyncio.Future[list[Res]]]] = []
+        self._claims: list[tuple[Claim, asyncio.Future[ClaimRes]]] = []
+        self._results: list[tuple[tuple[FinishRequest, AuditEvent], asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
 
-    async def submit(self, items: Sequence[Req]) -> list[Res]:
-        """Commit ``items`` with whatever else is queued; return their results in order."""
-        if not items:
-            return []
-        future: asyncio.Future[list[Res]] = asyncio.get_running_loop().create_future()
-        self._queue.append((list(items), future))
+    async def claim(self, item: Claim) -> ClaimRes:
+        """Commit ``item`` (a chunk's claims) with whatever else is queued; its result."""
+        future: asyncio.Future[ClaimRes] = asyncio.get_running_loop().create_future()
+        self._claims.append((item, future))
+        return await self._wait(future)
+
+    async def submit(self, request: FinishRequest, event: AuditEvent) -> None:
+        """Record one send's result; returns once it is durable."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._results.append(((request, event), future))
+        await self._wait(future)
+
+    async def _wait(self, future: asyncio.Future[T]) -> T:
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._drain())
         # Shielded: a cancelled caller does not cancel the commit others wait for.
         return await asyncio.shield(future)
 
     async def _drain(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue, []
-            flat = [item for items, _ in batch for item in items]
+        while self._claims or self._results:
+            claims, self._claims = self._claims, []
+            results, self._results = self._results, []
+            claimed: Sequence[ClaimRes] | Exception
+            failed: Exception | None
             try:
-                results = list(await self._commit(flat))
+                claimed, failed = await self._commit(
+                    [c for c, _ in claims], [r for r, _ in results]
+                )
             except Exception as exc:
-                for _, f in batch:
-                    if not f.done():
-                        f.set_exception(exc)
-                continue
-            at = 0
-            for items, f in batch:
-                if not f.done():
-                    f.set_result(results[at : at + len(items)])
-                at += len(items)
-
-
-class Finisher:
-    """Group commit of send results: claim updates and audit records of whatever finished
-    while the previous batch was committing go in one transaction (two on PostgreSQL). Each caller
-    resumes only once its own records are durable."""
-
-    def __init__(self, store: Store) -> None:
-        async def commit(items: list[tuple[FinishRequest, AuditEvent]]) -> list[None]:
-            await store.finish_sends([r for r, _ in items], [e for _, e in items], records=False)
-            return [None] * len(items)
-
-        self._group: GroupCommit[tuple[FinishRequest, AuditEvent], None] = GroupCommit(commit)
-
-    async def submit(self, request: FinishRequest, event: AuditEvent) -> None:
-        """Record one send's result; returns once it is durable."""
-        await self._group.submit([(request, event)])
+                claimed, failed = exc, exc
+            for at, (_, f) in enumerate(claims):
+                if f.done():
+                    continue
+                if isinstance(claimed, Exception):
+                    f.set_exception(claimed)
+                else:
+                    f.set_result(claimed[at])
+            for _, g in results:
+                if g.done():
+                    continue
+                if failed is not None:
+                    g.set_exception(failed)
+                else:
+                    g.set_result(None)
 
 
 def suppression_match(hit: SuppressionHit) -> policy.SuppressionMatch:

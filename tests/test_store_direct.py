@@ -18,10 +18,12 @@ import pytest
 from sqlalchemy import select
 from store_fixtures import behind_the_stores_back
 
-from prospect_mailer.errors import StoreError
+from prospect_mailer.errors import InvalidInputError, StoreError
+from prospect_mailer.sendplan import SendCommits
 from prospect_mailer.store import (
     AuditEvent,
     ClaimRequest,
+    ClaimResult,
     FinishRequest,
     Store,
     fastwrite,
@@ -368,3 +370,114 @@ async def test_the_batched_finish_searches_each_claim_by_its_key(tmp_path: Path)
     assert claims, plan
     assert all(p.startswith("SEARCH send_claims USING INDEX") for p in claims), plan
     assert "campaign_id=? AND step=? AND recipient_hash=? AND message_key=?" in claims[0]
+
+
+def _fail_on(path: Path, what: str) -> None:
+    """A trigger that makes every ``what`` (INSERT or UPDATE) on send_claims fail."""
+    behind_the_stores_back(
+        path,
+        f"CREATE TRIGGER no_{what.lower()} BEFORE {what} ON send_claims "
+        "BEGIN SELECT RAISE(ABORT, 'the disk says no'); END",
+    )
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "sqlalchemy"])
+async def test_commit_sends_keeps_the_results_when_the_claims_fail(
+    tmp_path: Path, direct: bool
+) -> None:
+    """Claims and results share a transaction (a group commit of both kinds); a failure of
+    the claims must not lose the results of sends that were made, nor their records."""
+    path = tmp_path / "pm.db"
+    async with Store.connect(sqlite_url(path)) as store:
+        if not direct:
+            store.claims.direct = None
+            store.audit.direct = None
+        assert (await store.claims.claim_many([request("s1")]))[0].claimed
+        _fail_on(path, "INSERT")
+        claimed, failed = await store.commit_sends(
+            [request("s2", _hash(2))],
+            lambda rs: [event("s2", "pending")] if rs else [],
+            [finish("s1")],
+            [event("s1", "sent")],
+        )
+        assert isinstance(claimed, StoreError)
+        assert "the disk says no" in str(claimed)
+        assert failed is None
+        assert await store.claims.statuses("spring", 1, [R1, _hash(2)]) == {R1: "sent"}
+        assert [(r.send_id, r.status) for r in await store.audit.events()] == [("s1", "sent")]
+        assert (await store.audit.verify()).ok
+
+
+async def test_commit_sends_fails_both_kinds_when_the_results_fail(tmp_path: Path) -> None:
+    """On the direct path a failure of the results (or of the records) rolls back the whole
+    transaction: nothing of either kind is written, and both kinds' callers are told."""
+    path = tmp_path / "pm.db"
+    async with Store.connect(sqlite_url(path)) as store:
+        assert (await store.claims.claim_many([request("s1")]))[0].claimed
+        _fail_on(path, "UPDATE")
+        claimed, failed = await store.commit_sends(
+            [request("s2", _hash(2))],
+            lambda rs: [event("s2", "pending")],
+            [finish("s1")],
+            [event("s1", "sent")],
+        )
+        assert isinstance(claimed, StoreError)
+        assert isinstance(failed, StoreError)
+        assert await store.claims.statuses("spring", 1, [R1, _hash(2)]) == {R1: "pending"}
+        assert await store.audit.events() == []
+
+
+async def test_commit_sends_refuses_a_malformed_kind_alone(tmp_path: Path) -> None:
+    async with Store.connect(sqlite_url(tmp_path / "pm.db")) as store:
+        assert (await store.claims.claim_many([request("s1")]))[0].claimed
+        claimed, failed = await store.commit_sends(
+            [request("", _hash(2))],  # no send id
+            lambda rs: [event("s2", "pending")],
+            [finish("s1")],
+            [event("s1", "sent")],
+        )
+        assert isinstance(claimed, InvalidInputError)
+        assert failed is None
+        assert await store.claims.statuses("spring", 1, [R1, _hash(2)]) == {R1: "sent"}
+        assert [(r.send_id, r.status) for r in await store.audit.events()] == [("s1", "sent")]
+
+
+async def test_concurrent_claims_and_results_share_transactions(tmp_path: Path) -> None:
+    """The pipeline's group commit takes both kinds together: sends finishing while others
+    claim need fewer transactions (fsyncs) than one per kind and batch."""
+    path = tmp_path / "pm.db"
+    async with Store.connect(sqlite_url(path)) as store:
+        writer = store.claims.direct
+        assert writer is not None
+        for i in range(10):
+            assert (await store.claims.claim_many([request(f"a{i}", _hash(i))]))[0].claimed
+        commits: SendCommits[list[ClaimRequest], list[ClaimResult]] = SendCommits(
+            lambda claims, results: _commit(store, claims, results)
+        )
+        begins: list[str] = []
+        writer._connection().set_trace_callback(
+            lambda sql: begins.append(sql) if sql.startswith("BEGIN") else None
+        )
+        outcomes = await asyncio.gather(
+            *(commits.submit(_finish_of(f"a{i}", i), event(f"a{i}", "sent")) for i in range(10)),
+            *(commits.claim([request(f"b{i}", _hash(100 + i))]) for i in range(10)),
+        )
+        writer._connection().set_trace_callback(None)
+        assert outcomes[:10] == [None] * 10
+        assert all(r[0].claimed for r in outcomes[10:])  # type: ignore[index]
+        assert len(begins) <= 2  # the first item alone, then everything queued meanwhile
+        statuses = await store.claims.statuses("spring", 1, [_hash(i) for i in range(10)])
+        assert set(statuses.values()) == {"sent"}
+        assert (await store.audit.verify()).ok
+
+
+async def _commit(
+    store: Store, claims: list[list[ClaimRequest]], results: list[tuple[FinishRequest, AuditEvent]]
+) -> tuple[list[list[ClaimResult]] | Exception, Exception | None]:
+    flat = [r for batch in claims for r in batch]
+    claimed, failed = await store.commit_sends(
+        flat, lambda rs: [], [r for r, _ in results], [e for _, e in results]
+    )
+    if isinstance(claimed, Exception):
+        return claimed, failed
+    return [[c] for c in claimed], failed

@@ -21,7 +21,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlmodel import SQLModel
 
-from ..errors import StoreError
+from ..errors import InvalidInputError, StoreError
 from . import fastwrite
 from .audit import AuditLog
 from .audit_records import AuditEvent, AuditRecord
@@ -314,6 +314,85 @@ class Store:
             return results, [AuditRecord._from_row(r) for r in full] if records else []
         results = await self.claims.claim_many(requests, force=force) if requests else []
         return results, await self.audit.append(record(results))
+
+    async def commit_sends(
+        self,
+        claims: Sequence[ClaimRequest],
+        record: Callable[[list[ClaimResult]], Sequence[AuditEvent]],
+        finishes: Sequence[FinishRequest],
+        finish_events: Sequence[AuditEvent],
+    ) -> tuple[list[ClaimResult] | Exception, Exception | None]:
+        """Record the results of sends and claim new ones, together: the send pipeline's group
+        commit, which takes whatever both kinds of caller queued meanwhile.
+
+        On a SQLite file (the direct write path) this is one transaction, one ``fsync``: the
+        results (claims finished), then the claims under a savepoint, then every record in one
+        append. A database error in the claims is rolled back alone: the results are still
+        committed, and the error is returned for the claims' callers. An error in the results
+        or in the records fails both. Elsewhere: :meth:`finish_sends`, then
+        :meth:`claim_and_record` (the claims' records are returned by neither: ``records=False``).
+
+        Returns:
+            ``(claim results in order, or the error that claimed nothing; the results' error,
+            or None)``. Malformed requests are reported there too, for their own kind only.
+        """
+        claim_error: Exception | None = None
+        finish_error: Exception | None = None
+        try:
+            check_claim_requests(claims)
+        except InvalidInputError as exc:
+            claims, claim_error = [], exc
+        try:
+            check_finish_requests(finishes)
+        except InvalidInputError as exc:
+            finishes, finish_events, finish_error = [], [], exc
+        refused = claim_error is not None  # nothing of the claims' kind is written
+        results: list[ClaimResult] = []
+        writer = self.claims.direct
+        if writer is not None and not self._db.closed:
+            now = datetime.now(UTC)
+
+            def work(con: sqlite3.Connection) -> tuple[list[ClaimResult], Exception | None]:
+                rows = [e._row() for e in finish_events]
+                if finishes:
+                    fastwrite.finish_many(con, finishes, now)
+                done: list[ClaimResult] = []
+                failed: Exception | None = None
+                if claims:
+                    if finishes:
+                        con.execute("SAVEPOINT claims")
+                    try:
+                        done = fastwrite.claim_many(con, claims, now)
+                    except sqlite3.Error as exc:
+                        if not finishes:
+                            raise
+                        con.execute("ROLLBACK TO claims")
+                        failed = StoreError(f"claiming sends failed: {type(exc).__name__}: {exc}")
+                if failed is None and not refused:  # the claims' records (or a chunk's
+                    # that claimed nothing: all its recipients were blocked)
+                    rows += [e._row() for e in record(done)]
+                if rows:
+                    fastwrite.append_audit(con, rows)
+                return done, failed
+
+            try:
+                results, failed = await writer.run("recording sends", work)
+            except StoreError as exc:
+                return (claim_error or exc), (finish_error or (exc if finishes else None))
+            return (claim_error or failed or results), finish_error
+        if finishes:
+            try:
+                await self.finish_sends(finishes, finish_events, records=False)
+            except (StoreError, InvalidInputError) as exc:
+                finish_error = exc
+        try:
+            if claims:
+                results, _ = await self.claim_and_record(claims, record, records=False)
+            elif not refused and (events := record([])):  # all the chunk's recipients blocked
+                await self.audit.append(events)
+        except (StoreError, InvalidInputError) as exc:
+            claim_error = claim_error or exc
+        return (claim_error or results), finish_error
 
     async def finish_sends(
         self,
