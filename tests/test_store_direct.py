@@ -268,9 +268,10 @@ async def _claim_rows(store: Store) -> list[tuple[object, ...]]:
         return [tuple(r) for r in rows]
 
 
+@pytest.mark.parametrize("old_sqlite", [False, True], ids=["sqlite", "sqlite-3.32-999-params"])
 @pytest.mark.parametrize("size", [5, 1_203])
 async def test_batched_statements_decide_as_the_orm_path_claim_by_claim(
-    tmp_path: Path, size: int
+    tmp_path: Path, size: int, old_sqlite: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The direct path claims a batch in one multi-row INSERT and finishes it in one UPDATE
     ... FROM (per 500), falling back to one claim at a time when a claim exists: on the same
@@ -306,6 +307,11 @@ async def test_batched_statements_decide_as_the_orm_path_claim_by_claim(
 
     async with Store.connect(sqlite_url(tmp_path / "direct.db")) as direct:
         assert direct.claims.direct is not None
+        if old_sqlite:
+            # As a SQLite older than 3.33 (no UPDATE ... FROM), built with 999 parameters a
+            # statement: the batches fit the limit, the results go one statement each.
+            monkeypatch.setattr(fastwrite, "_UPDATE_FROM", False)
+            direct.claims.direct._connection().setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
         got = await history(direct)
     async with Store.connect(sqlite_url(tmp_path / "orm.db")) as orm:
         orm.claims.direct = None
@@ -481,3 +487,47 @@ async def _commit(
     if isinstance(claimed, Exception):
         return claimed, failed
     return [[c] for c in claimed], failed
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "sqlalchemy"])
+async def test_a_malformed_record_fails_its_own_kind_only(tmp_path: Path, direct: bool) -> None:
+    """A record the audit log refuses (details over 64 KiB) fails the sends of its kind; the
+    claims or results of the other kind in the same group commit are still written."""
+    huge = {"smtp_reply": "x" * 70_000}
+    async with Store.connect(sqlite_url(tmp_path / "pm.db")) as store:
+        if not direct:
+            store.claims.direct = None
+            store.audit.direct = None
+        assert (await store.claims.claim_many([request("s1")]))[0].claimed
+        # A result whose record is malformed, beside a good claim.
+        bad_result = AuditEvent(
+            kind="send", status="sent", send_id="s1", campaign_id="spring", details=huge
+        )
+        claimed, failed = await store.commit_sends(
+            [request("s2", _hash(2))],
+            lambda rs: [event("s2", "pending")],
+            [finish("s1")],
+            [bad_result],
+        )
+        assert isinstance(failed, InvalidInputError)
+        assert not isinstance(claimed, Exception)
+        assert claimed[0].claimed
+        # A claim whose record is malformed, beside a good result.
+        bad_claim = AuditEvent(
+            kind="send", status="pending", send_id="s3", campaign_id="spring", details=huge
+        )
+        claimed, failed = await store.commit_sends(
+            [request("s3", _hash(3))], lambda rs: [bad_claim], [finish("s1")], [event("s1", "sent")]
+        )
+        assert isinstance(claimed, InvalidInputError)
+        assert failed is None
+        statuses = await store.claims.statuses("spring", 1, [R1, _hash(2), _hash(3)])
+        # The direct path claims and records in one transaction; the SQLAlchemy path commits
+        # the claim first (the pipeline then releases it, as for any failed record).
+        assert statuses.pop(_hash(3), None) == (None if direct else "pending")
+        assert statuses == {R1: "sent", _hash(2): "pending"}
+        assert [(r.send_id, r.status) for r in await store.audit.events()] == [
+            ("s2", "pending"),
+            ("s1", "sent"),
+        ]
+        assert (await store.audit.verify()).ok

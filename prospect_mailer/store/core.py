@@ -351,35 +351,50 @@ class Store:
         writer = self.claims.direct
         if writer is not None and not self._db.closed:
             now = datetime.now(UTC)
+            unfinished: list[Exception] = []  # a malformed result record, if any
 
             def work(con: sqlite3.Connection) -> tuple[list[ClaimResult], Exception | None]:
-                rows = [e._row() for e in finish_events]
+                # Each kind's records are built under its own guard: a malformed record (say
+                # details over the size limit) fails its own kind, never the other one.
+                rows: list[dict[str, object]] = []
                 if finishes:
-                    fastwrite.finish_many(con, finishes, now)
+                    try:
+                        rows = [e._row() for e in finish_events]
+                    except InvalidInputError as exc:
+                        unfinished.append(exc)
+                    else:
+                        fastwrite.finish_many(con, finishes, now)
                 done: list[ClaimResult] = []
                 failed: Exception | None = None
-                if claims:
-                    if finishes:
+                if not refused:
+                    isolated = bool(rows)  # results already written in this transaction
+                    if isolated:
                         con.execute("SAVEPOINT claims")
                     try:
-                        done = fastwrite.claim_many(con, claims, now)
-                    except sqlite3.Error as exc:
-                        if not finishes:
+                        done = fastwrite.claim_many(con, claims, now) if claims else []
+                        # The claims' records (or those of a chunk that claimed nothing:
+                        # all its recipients were blocked).
+                        rows += [e._row() for e in record(done)]
+                    except (sqlite3.Error, InvalidInputError) as exc:
+                        if not isolated:
                             raise
                         con.execute("ROLLBACK TO claims")
-                        failed = StoreError(f"claiming sends failed: {type(exc).__name__}: {exc}")
-                if failed is None and not refused:  # the claims' records (or a chunk's
-                    # that claimed nothing: all its recipients were blocked)
-                    rows += [e._row() for e in record(done)]
+                        done, failed = [], exc
                 if rows:
                     fastwrite.append_audit(con, rows)
                 return done, failed
 
             try:
                 results, failed = await writer.run("recording sends", work)
-            except StoreError as exc:
-                return (claim_error or exc), (finish_error or (exc if finishes else None))
-            return (claim_error or failed or results), finish_error
+            except (StoreError, InvalidInputError) as exc:
+                # Nothing of this transaction was written.
+                finished_error = finish_error or next(iter(unfinished), None) or exc
+                return (claim_error or exc), (finished_error if finishes else None)
+            if isinstance(failed, sqlite3.Error):
+                failed = StoreError(f"claiming sends failed: {type(failed).__name__}: {failed}")
+            return (claim_error or failed or results), (
+                finish_error or next(iter(unfinished), None)
+            )
         if finishes:
             try:
                 await self.finish_sends(finishes, finish_events, records=False)

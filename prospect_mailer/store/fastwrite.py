@@ -61,6 +61,8 @@ _AUDIT_COLUMNS = (
     "advertiser_id", "purpose", "recipient_hash", "recipient_masked", "message_id", "transport",
     "rule_ids", "details", "prev_hash", "hash",
 )  # fmt: skip
+#: ``UPDATE ... FROM`` is SQLite 3.33's; older builds finish claims one statement each.
+_UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33, 0)
 #: Rows a multi-row statement holds at most (18 parameters a row for the audit records: well
 #: under SQLite's 32,766).
 _ROWS_PER_STATEMENT = 500
@@ -136,7 +138,12 @@ def _rows_sql(head: str, row: str, count: int, tail: str = "") -> str:
     return f"{head} {', '.join([row] * count)}{tail}"
 
 
-def _chunks(items: Sequence[T], size: int = _ROWS_PER_STATEMENT) -> list[Sequence[T]]:
+def _chunks(items: Sequence[T], con: sqlite3.Connection, per_row: int) -> list[Sequence[T]]:
+    """``items`` in statements' worth: at most 500 rows, and within this SQLite's limit on
+    parameters (32,766 since 3.32; 999 in older builds) at ``per_row`` parameters a row
+    (one more for the statement's own)."""
+    limit = con.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) - 1
+    size = max(1, min(_ROWS_PER_STATEMENT, limit // per_row))
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
@@ -223,7 +230,7 @@ def append_audit(
     if found is None:
         raise StoreError("appending to the audit log failed: the chain head is missing")
     full = chain_rows(int(found[0]), str(found[1]), rows)
-    for part in _chunks(full):
+    for part in _chunks(full, con, len(_AUDIT_COLUMNS)):
         con.execute(
             _rows_sql(_INSERT_AUDIT_HEAD, _AUDIT_ROW, len(part)),
             [r[c] for r in part for c in _AUDIT_COLUMNS],
@@ -250,7 +257,7 @@ def claim_many(
     if len(keys) == len(requests):  # no key twice in the batch
         con.execute("SAVEPOINT claim_many")
         inserted = 0
-        for part in _chunks(requests):
+        for part in _chunks(requests, con, 7):
             params: list[object] = []
             for r in part:
                 params += (r.campaign_id, r.step, r.recipient_hash, r.message_key)
@@ -330,14 +337,14 @@ def finish_many(con: sqlite3.Connection, requests: Sequence[FinishRequest], now:
 
     One ``UPDATE ... FROM (VALUES ...)`` per 500 requests; a batch finishing one claim twice
     (which the pipeline never sends) is run request by request, so that the last one wins as
-    it always did.
+    it always did, and so is every batch on a SQLite older than 3.33.
     """
     stamp = sqlite_datetime(now)
     keys = {(r.campaign_id, r.step, r.recipient_hash, r.message_key, r.send_id) for r in requests}
-    if len(keys) != len(requests):
+    if len(keys) != len(requests) or not _UPDATE_FROM:
         return sum(_finish_one(con, r, stamp) for r in requests)
     matched = 0
-    for part in _chunks(requests):
+    for part in _chunks(requests, con, 7):
         params: list[object] = []
         for r in part:
             params += (r.status, r.message_id, r.campaign_id, r.step)
