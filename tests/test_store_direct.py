@@ -446,6 +446,18 @@ async def test_commit_sends_refuses_a_malformed_kind_alone(tmp_path: Path) -> No
         assert failed is None
         assert await store.claims.statuses("spring", 1, [R1, _hash(2)]) == {R1: "sent"}
         assert [(r.send_id, r.status) for r in await store.audit.events()] == [("s1", "sent")]
+        # A malformed result beside claims whose transaction fails: both kinds are told,
+        # the results' callers with their own error.
+        _fail_on(tmp_path / "pm.db", "INSERT")
+        claimed, failed = await store.commit_sends(
+            [request("s3", _hash(3))],
+            lambda rs: [event("s3", "pending")],
+            [finish("s1", "no-such-status")],
+            [event("s1", "sent")],
+        )
+        assert isinstance(claimed, StoreError)
+        assert isinstance(failed, InvalidInputError)
+        assert "no-such-status" in str(failed)
 
 
 async def test_concurrent_claims_and_results_share_transactions(tmp_path: Path) -> None:

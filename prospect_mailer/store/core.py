@@ -351,23 +351,25 @@ class Store:
         writer = self.claims.direct
         if writer is not None and not self._db.closed:
             now = datetime.now(UTC)
-            unfinished: list[Exception] = []  # a malformed result record, if any
 
-            def work(con: sqlite3.Connection) -> tuple[list[ClaimResult], Exception | None]:
+            def work(
+                con: sqlite3.Connection,
+            ) -> tuple[list[ClaimResult], Exception | None, Exception | None]:
                 # Each kind's records are built under its own guard: a malformed record (say
                 # details over the size limit) fails its own kind, never the other one.
                 rows: list[dict[str, object]] = []
+                unfinished: Exception | None = None
                 if finishes:
                     try:
                         rows = [e._row() for e in finish_events]
                     except InvalidInputError as exc:
-                        unfinished.append(exc)
+                        unfinished = exc
                     else:
                         fastwrite.finish_many(con, finishes, now)
                 done: list[ClaimResult] = []
                 failed: Exception | None = None
                 if not refused:
-                    isolated = bool(rows)  # results already written in this transaction
+                    isolated = bool(finishes)  # results in this transaction: keep them apart
                     if isolated:
                         con.execute("SAVEPOINT claims")
                     try:
@@ -382,19 +384,16 @@ class Store:
                         done, failed = [], exc
                 if rows:
                     fastwrite.append_audit(con, rows)
-                return done, failed
+                return done, failed, unfinished
 
             try:
-                results, failed = await writer.run("recording sends", work)
+                results, failed, unfinished = await writer.run("recording sends", work)
             except (StoreError, InvalidInputError) as exc:
                 # Nothing of this transaction was written.
-                finished_error = finish_error or next(iter(unfinished), None) or exc
-                return (claim_error or exc), (finished_error if finishes else None)
+                return (claim_error or exc), (finish_error or (exc if finishes else None))
             if isinstance(failed, sqlite3.Error):
                 failed = StoreError(f"claiming sends failed: {type(failed).__name__}: {failed}")
-            return (claim_error or failed or results), (
-                finish_error or next(iter(unfinished), None)
-            )
+            return (claim_error or failed or results), (finish_error or unfinished)
         if finishes:
             try:
                 await self.finish_sends(finishes, finish_events, records=False)
