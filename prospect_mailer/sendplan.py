@@ -150,30 +150,22 @@ class SendCommits(Generic[Claim, ClaimRes]):
                 )
             except Exception as exc:
                 claimed, failed = exc, exc
-            try:
-                if not isinstance(claimed, Exception) and len(claimed) != len(claims):
-                    claimed = RuntimeError(
-                        f"group commit returned {len(claimed)} claim results for {len(claims)}"
-                    )
-                for at, (_, f) in enumerate(claims):
-                    if not f.done():
-                        if isinstance(claimed, Exception):
-                            f.set_exception(claimed)
-                        else:
-                            f.set_result(claimed[at])
-                for _, g in results:
-                    if not g.done():
-                        if failed is not None:
-                            g.set_exception(failed)
-                        else:
-                            g.set_result(None)
-            finally:
-                # Whatever happened above, no caller may wait forever on a shielded future.
-                futures: list[asyncio.Future[Any]] = [f for _, f in claims]
-                futures += [g for _, g in results]
-                for pending in futures:
-                    if not pending.done():
-                        pending.set_exception(RuntimeError("group commit ended without a result"))
+            if not isinstance(claimed, Exception) and len(claimed) != len(claims):
+                claimed = RuntimeError(
+                    f"group commit returned {len(claimed)} claim results for {len(claims)}"
+                )
+            for at, (_, f) in enumerate(claims):
+                if not f.done():
+                    if isinstance(claimed, Exception):
+                        f.set_exception(claimed)
+                    else:
+                        f.set_result(claimed[at])
+            for _, g in results:
+                if not g.done():
+                    if failed is not None:
+                        g.set_exception(failed)
+                    else:
+                        g.set_result(None)
 
 
 def suppression_match(hit: SuppressionHit) -> policy.SuppressionMatch:

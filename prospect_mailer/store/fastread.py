@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import StoreError
-from .tables import SUPPRESSION_KEY_PREFIX, SUPPRESSION_PREFIX_SQL
+from .tables import SUPPRESSION_PREFIX_SQL, suppression_prefixes
 
 __all__ = ["INLINE_MAX_KEYS", "SQLiteReader"]
 
@@ -125,9 +125,8 @@ class SQLiteReader:
 
     def _select(self, con: sqlite3.Connection, keys: Sequence[str], aggregate: bool) -> list[Any]:
         rows: list[Any] = []
-        prefixes = list(dict.fromkeys(key[:SUPPRESSION_KEY_PREFIX] for key in keys))
         try:
-            for chunk, marks in _chunks(prefixes):
+            for chunk, marks in _chunks(suppression_prefixes(keys)):
                 if aggregate and self._json:
                     ((text,),) = con.execute(_SELECT_JSON.format(marks=marks), chunk).fetchall()
                     rows += json.loads(text)

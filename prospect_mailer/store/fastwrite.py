@@ -85,11 +85,6 @@ _FINISH_MANY_TAIL = (
     " AND send_claims.recipient_hash = v.column5 AND send_claims.message_key = v.column6"
     " AND send_claims.send_id = v.column7"
 )
-_INSERT_CLAIM = (
-    "INSERT INTO send_claims (campaign_id, step, recipient_hash, message_key, advertiser_id,"
-    " status, send_id, message_id, updated_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, NULL, ?)"
-    " ON CONFLICT DO NOTHING"
-)
 _KEY = "campaign_id = ? AND step = ? AND recipient_hash = ? AND message_key = ?"
 _CURRENT_CLAIM = f"SELECT status, send_id, message_id FROM send_claims WHERE {_KEY}"  # noqa: S608
 _TAKE_OVER = (
@@ -136,6 +131,24 @@ def _rows_sql(head: str, row: str, count: int, tail: str = "") -> str:
     """``head`` followed by ``count`` copies of the placeholder tuple ``row``, then ``tail``
     (only placeholders are spliced in, never a value)."""
     return f"{head} {', '.join([row] * count)}{tail}"
+
+
+def _insert_claims(count: int) -> str:
+    """The INSERT of ``count`` claims, each skipped if its key is already claimed."""
+    return _rows_sql(_INSERT_CLAIMS_HEAD, _CLAIM_ROW, count, " ON CONFLICT DO NOTHING")
+
+
+def _claim_params(r: ClaimRequest, stamp: str) -> tuple[object, ...]:
+    """One claim's parameters, in the order of :data:`_CLAIM_ROW`."""
+    return (
+        r.campaign_id,
+        r.step,
+        r.recipient_hash,
+        r.message_key,
+        r.advertiser_id,
+        r.send_id,
+        stamp,
+    )
 
 
 def _chunks(items: Sequence[T], con: sqlite3.Connection, per_row: int) -> list[Sequence[T]]:
@@ -258,14 +271,8 @@ def claim_many(
         con.execute("SAVEPOINT claim_many")
         inserted = 0
         for part in _chunks(requests, con, 7):
-            params: list[object] = []
-            for r in part:
-                params += (r.campaign_id, r.step, r.recipient_hash, r.message_key)
-                params += (r.advertiser_id, r.send_id, stamp)
-            cursor = con.execute(
-                _rows_sql(_INSERT_CLAIMS_HEAD, _CLAIM_ROW, len(part), " ON CONFLICT DO NOTHING"),
-                params,
-            )
+            params = [value for r in part for value in _claim_params(r, stamp)]
+            cursor = con.execute(_insert_claims(len(part)), params)
             inserted += cursor.rowcount
             if cursor.rowcount != len(part):
                 break
@@ -297,7 +304,7 @@ def _claim_each(
                 )
             )
             continue
-        cursor = con.execute(_INSERT_CLAIM, (*key, r.advertiser_id, r.send_id, stamp))
+        cursor = con.execute(_insert_claims(1), _claim_params(r, stamp))
         if cursor.rowcount == 1:
             results.append(ClaimResult(claimed=True))
             continue

@@ -29,7 +29,7 @@ from ..errors import InvalidInputError
 from ..models import SuppressionReason, SuppressionScope
 from .engine import Database
 from .fastread import SQLiteReader
-from .tables import SUPPRESSION, SUPPRESSION_KEY_PREFIX, SUPPRESSION_PREFIX_SQL
+from .tables import SUPPRESSION, SUPPRESSION_PREFIX_SQL, suppression_prefixes
 
 __all__ = [
     "SUPPRESSION_KINDS",
@@ -343,7 +343,7 @@ class SuppressionList:
         columns = (t.c.kind, t.c.key_hash, t.c.scope, t.c.scope_value, t.c.reason, t.c.source)
         # Spelt as the index spells it (a bound 1 or 16 would not match the index).
         prefix: ColumnElement[str] = literal_column(SUPPRESSION_PREFIX_SQL)
-        prefixes = list(dict.fromkeys(key[:SUPPRESSION_KEY_PREFIX] for key in wanted))
+        prefixes = suppression_prefixes(wanted)
         asked = set(wanted)
         async with self._db.connection("suppression lookup") as conn:
             for start in range(0, len(prefixes), _LOOKUP_CHUNK):

@@ -13,6 +13,7 @@ the prospect file itself, deliberately kept apart from the suppression list.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import cast
 
@@ -48,6 +49,7 @@ __all__ = [
     "SchemaVersionRow",
     "SendClaimRow",
     "SuppressionRow",
+    "suppression_prefixes",
 ]
 
 _HASH = 64  # lower-case hex SHA-256
@@ -56,6 +58,14 @@ _HASH = 64  # lower-case hex SHA-256
 SUPPRESSION_KEY_PREFIX = 16
 #: The lookup index's expression; a lookup must spell it exactly so for the index to serve it.
 SUPPRESSION_PREFIX_SQL = f"substr(key_hash, 1, {SUPPRESSION_KEY_PREFIX})"
+
+
+def suppression_prefixes(keys: Iterable[str]) -> list[str]:
+    """The distinct prefixes of ``keys`` that a lookup probes, in order. Two keys may share
+    one: the rows found must still be matched on the whole key."""
+    return list(dict.fromkeys(key[:SUPPRESSION_KEY_PREFIX] for key in keys))
+
+
 # 64-bit chain positions on PostgreSQL; on SQLite ``INTEGER PRIMARY KEY`` (the rowid) is 64-bit.
 _SEQ = BigInteger().with_variant(Integer, "sqlite")
 
