@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from prospect_mailer.store import Store, sqlite_url
-from prospect_mailer.store.tables import SUPPRESSION_KEY_PREFIX, SUPPRESSION_PREFIX_SQL
+from prospect_mailer.store.tables import SUPPRESSION_PREFIX_SQL, suppression_prefixes
 
 from .common import ROOT, read_through
 from .suppression_db import cached_store
@@ -62,11 +62,11 @@ def key_index(path: Path) -> None:
 
 
 def keys(n: int, entries: int, rng: random.Random, present: float = 0.5) -> list[str]:
-    """``present`` of them in the list (every second key for 0.5), the others absent."""
+    """``present`` of them in the list, evenly spread (every second key for 0.5, every 50th
+    for 0.02), the others absent."""
     out = []
-    every = round(1 / present) if present else 0
     for j in range(n):
-        if every and j % every == every - 1:
+        if int((j + 1) * present) > int(j * present):
             i = rng.randrange(entries)
             out.append(hashlib.sha256(f"suppressed{i}@list.example".encode()).hexdigest())
         else:
@@ -102,7 +102,7 @@ class Raw:
         the sorted batch, on the key-prefix index, the rows kept for the keys asked."""
 
         def part(con: sqlite3.Connection, keys: list[str]) -> list[Any]:
-            prefixes = [k[:SUPPRESSION_KEY_PREFIX] for k in keys]
+            prefixes = suppression_prefixes(keys)
             marks = ",".join("?" * len(prefixes))
             q = (
                 f"SELECT json_group_array(json_array({COLS})) FROM suppression "
@@ -203,9 +203,12 @@ def main() -> None:
     )
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "suppression.json")
     a = ap.parse_args()
-    shares = [float(x) for x in a.present.split(",")]
-    if not all(0 <= x <= 1 for x in shares):
-        ap.error(f"--present takes shares between 0 and 1, got {a.present!r}")
+    try:
+        shares = [float(x) for x in a.present.split(",")]
+    except ValueError:
+        shares = []
+    if not shares or not all(0 <= x <= 1 for x in shares):
+        ap.error(f"--present takes shares between 0 and 1, comma-separated, got {a.present!r}")
     path = cached_store(a.entries)
     key_index(path)
     # Both measured warm: the file read once through the OS cache first (as a running relay
