@@ -22,7 +22,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import IO, Literal
 
-from .addresses import NormalisedAddress, domain_key, domain_keys_for, normalise
+from .addresses import NormalisedAddress, domain_key, domain_keys_of, normalise
 from .errors import DataFileError, InvalidAddressError, InvalidInputError
 from .files import _rows  # the one CSV reader (row-level results, bad rows as values)
 from .models import Prospect
@@ -100,12 +100,12 @@ def suppression_hits(
 
 def _keys(addresses: Sequence[NormalisedAddress]) -> list[list[str]]:
     """Each address's lookup keys: its own, then its domain's and parents' (domains cached)."""
-    by_domain: dict[str, list[str]] = {}
+    by_domain: dict[str, tuple[str, ...]] = {}
     out = []
     for a in addresses:
         dk = by_domain.get(a.domain)
         if dk is None:
-            dk = by_domain[a.domain] = domain_keys_for(a.domain)
+            dk = by_domain[a.domain] = domain_keys_of(a)
         out.append([a.key_hash, *dk])
     return out
 

@@ -30,7 +30,7 @@ from typing import Literal
 from jinja2 import TemplateError
 
 from . import policy
-from .addresses import RoleClassifier, domain_keys_for
+from .addresses import RoleClassifier, domain_keys_of
 from .compose import Composer
 from .errors import (
     ConfigError,
@@ -120,7 +120,7 @@ class Pipeline:
         """One suppression query and one prior-contact query for the whole chunk, and one of
         the claim statuses unless ``statuses`` is false."""
         addresses = [p.address for p in chunk]
-        domain_keys = {a.domain: domain_keys_for(a.domain) for a in addresses}
+        domain_keys = {a.domain: domain_keys_of(a) for a in addresses}
         keys = {a.key_hash for a in addresses}
         for dk in domain_keys.values():
             keys.update(dk)

@@ -15,6 +15,7 @@ from prospect_mailer.addresses import (
     address_key,
     domain_key,
     domain_keys_for,
+    domain_keys_of,
     mask_address,
     normalise,
 )
@@ -73,6 +74,18 @@ def test_domain_keys_cover_parents_not_tld() -> None:
     assert keys == [domain_key("mail.sales.example.com"), domain_key("sales.example.com"),
                     domain_key("example.com")]  # fmt: skip
     assert domain_key("example.com") != address_key("x@example.com")
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["Ann@Mail.Sales.Example.COM.", "bob@münchen.example.de", "x@XN--MNCHEN-3YA.example", "y@a.fr"],
+)
+def test_domain_keys_of_a_normalised_address_match_domain_keys_for(address: str) -> None:
+    """The send pipeline's shortcut (the address's domain is not normalised again) gives the
+    keys :func:`domain_keys_for` gives for the domain as written."""
+    a = normalise(address)
+    raw_domain = address.rpartition("@")[2]
+    assert list(domain_keys_of(a)) == domain_keys_for(raw_domain) == domain_keys_for(a.domain)
 
 
 def test_mask() -> None:
