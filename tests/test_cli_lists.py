@@ -10,6 +10,7 @@ import json
 import pytest
 from cli_fixtures import HEADER, CliEnv, b2b_row, cli_env_fixture, write_csv  # noqa: F401
 
+from prospect_mailer.addresses import domain_key
 from prospect_mailer.cli import main
 from prospect_mailer.retention import PURGE_SOURCE
 from prospect_mailer.store import Store
@@ -189,6 +190,37 @@ def test_hashed_list_import_is_all_or_nothing(
     addresses.write_text("x@co.example\nnot-an-address\n", "utf-8")
     assert main(["suppress", "import", str(addresses), "--format", "addresses"]) == 2
     assert f"{addresses}:2:" in capsys.readouterr().err
+
+
+def test_domain_entries_exported_as_hashes_import_back_as_domain_entries(
+    cli_env: CliEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``export --kind domain --format hashes`` then ``import --format hashes --kind domain``
+    keeps them domain entries (without ``--kind`` they would come back as address entries)."""
+    assert main(["suppress", "add", "co.example", "other.example"]) == 0
+    exported = cli_env.root / "domains.sha256"
+    assert main(["suppress", "export", "--kind", "domain", "--output", str(exported)]) == 0
+    assert sorted(exported.read_text("utf-8").split()) == sorted(
+        [domain_key("co.example"), domain_key("other.example")]
+    )
+    assert main(["suppress", "remove", "co.example", "--reason", "moved"]) == 0
+    assert main(["suppress", "remove", "other.example", "--reason", "moved"]) == 0
+    assert main(["suppress", "import", str(exported), "--kind", "domain"]) == 0
+    capsys.readouterr()
+    assert main(["suppress", "export", "--kind", "domain"]) == 0
+    assert sorted(capsys.readouterr().out.split()) == sorted(exported.read_text("utf-8").split())
+    assert main(["suppress", "export", "--kind", "address"]) == 0
+    assert capsys.readouterr().out.split() == []
+    assert main(["suppress", "check", "ann@mail.co.example"]) == 1  # subdomains covered
+    # --kind is for hashed lists: a list of addresses cannot be imported as domain entries.
+    addresses = cli_env.root / "a.txt"
+    addresses.write_text("x@co.example\n", "utf-8")
+    assert (
+        main(["suppress", "import", str(addresses), "--format", "addresses", "--kind", "domain"])
+        == 2
+    )
+    err = " ".join(capsys.readouterr().err.replace("│", " ").split())
+    assert "holds address entries; --kind is for --format hashes" in err
 
 
 def test_audit_export_filters_and_verify(

@@ -205,17 +205,33 @@ def suppress_import(
     scope_value: ScopeValue = "",
     reason: Annotated[SuppressionReason, typer.Option(help="why")] = "import",
     encoding: Annotated[str, typer.Option(help="text encoding")] = "utf-8-sig",
+    kind_of_hashes: Annotated[
+        SuppressionKind | None,
+        typer.Option(
+            "--kind",
+            help="hashes only: address keys (the default) or domain keys, as `suppress export "
+            "--kind domain` writes them",
+        ),
+    ] = None,
 ) -> None:
     """Import a list: hashed (lower-case hex SHA-256 of the normalised address, as partners
-    exchange them), addresses, or domains.
+    exchange them; of ``@`` and the domain with ``--kind domain``), addresses, or domains.
 
     The whole file is checked first: a malformed line stops the import (exit 2, naming the
     line) and nothing is imported.
 
     Example: prospect-mailer suppress import partner-optouts.sha256 --format hashes --scope global
     """
+    implied: SuppressionKind | None = None
+    if fmt != "hashes":
+        implied = "domain" if fmt == "domains" else "address"
+    if implied is not None and kind_of_hashes not in (None, implied):
+        raise typer.BadParameter(
+            f"--format {fmt} holds {implied} entries; --kind is for --format hashes",
+            param_hint="--kind",
+        )
+    kind: SuppressionKind = implied or kind_of_hashes or "address"
     total = sum(1 for _ in read_key_list(file, fmt, encoding=encoding))  # validation pass
-    kind: SuppressionKind = "domain" if fmt == "domains" else "address"
     source = "import:" + file.name.replace("@", "_")[:150]
 
     async def run() -> int:
