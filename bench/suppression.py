@@ -165,12 +165,15 @@ def batch_names(present: float) -> tuple[str, str, str]:
     )
 
 
-def warm_names(present: float) -> tuple[str, str]:
+def warm_names(present: float, what: str = "") -> tuple[str, str]:
     share = f"{present:.0%} listed"
     return (
-        f"  back to back, {share}: raw sqlite3, 2 threads, prefix index",
-        f"  back to back, {share}: store.suppression.lookup",
+        f"  back to back{what}, {share}: raw sqlite3, 2 threads, prefix index",
+        f"  back to back{what}, {share}: store.suppression.lookup",
     )
+
+
+RECIPIENTS = " (recipients)"
 
 
 def recipient_names(present: float) -> tuple[str, str]:
@@ -274,6 +277,13 @@ async def measure(
             for name, way in zip(warm_names(present), (raw.parallel, ours(present)), strict=True):
                 for _ in range(batches):
                     await timed(name, way, keys(1000, entries, rng, present))
+            for name, way in zip(
+                warm_names(present, RECIPIENTS),
+                (raw_recipients, ours_recipients(present)),
+                strict=True,
+            ):
+                for _ in range(batches):
+                    await timed(name, way, recipients(1000, entries, rng, present))
         single_ways = list(zip(SINGLE_NAMES, (raw.single, ours_single), strict=True))
         for i in range(singles):
             for name, way in single_ways if i % 2 else single_ways[::-1]:
@@ -309,7 +319,11 @@ def main() -> None:
     times = asyncio.run(measure(path, a.entries, a.batches, a.singles, shares))
     names = [
         *(n for present in shares for n in (*batch_names(present), *warm_names(present))),
-        *(n for present in shares for n in recipient_names(present)),
+        *(
+            n
+            for present in shares
+            for n in (*recipient_names(present), *warm_names(present, RECIPIENTS))
+        ),
         *SINGLE_NAMES,
     ]
     # The target's verdict is on the batches taking turns (the caches shared, as in a send
