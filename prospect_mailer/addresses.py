@@ -76,7 +76,8 @@ _FORBIDDEN = re.compile(r"[\x00-\x20\x7f<>()\[\]\\,;:\"]")
 
 @dataclass(frozen=True, slots=True)
 class NormalisedAddress:
-    """An address checked and folded once.
+    """An address checked and folded once, by :func:`normalise` (build it there: its key and
+    its domain keys are computed from these fields as they are).
 
     Attributes:
         original: the addr-spec as given (display name and brackets removed); what is sent to.
