@@ -75,6 +75,7 @@ bench: bench-tools
 	$(BIN)/python -m bench.audit --records 20000
 	$(BIN)/python -m bench.mime --calls 500 --sizes 2k --kinds stdlib,bytes,full,relay
 	$(BIN)/python -m bench.memory --prospects 500000 --sends 10000 --big-mb 20
+	$(BIN)/python -m bench.summary
 
 bench-full: bench-tools
 	$(BIN)/python -m bench.library --messages 2000 --sizes 2k,100k
@@ -85,6 +86,7 @@ bench-full: bench-tools
 	$(BIN)/python -m bench.mime
 	$(BIN)/python -m bench.memory --prospects 1000000 --sends 20000 --big-mb 20
 	$(BIN)/python -m bench.instructions --messages 400 --sizes 2k,100k
+	$(BIN)/python -m bench.summary
 
 bench-tools: $(VENV)/.installed-test
 	@if [ "$$(id -u)" = 0 ] && ! command -v smtp-sink >/dev/null && [ ! -x /usr/sbin/smtp-sink ]; then \
