@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,10 @@ class Line:
     verdict: str
 
 
+def _line(target: int, measure: str, figure: str, wanted: str, met: bool) -> Line:
+    return Line(target, measure, figure, wanted, "ok" if met else "MISSED")
+
+
 def _load(results: Path, name: str) -> list[dict[str, Any]] | None:
     path = results / f"{name}.json"
     if not path.exists():
@@ -54,101 +58,66 @@ def _ratios(rows: list[dict[str, Any]], prefix: str, target: int, floor: float) 
         if r["name"].startswith(prefix) and r.get("baseline") in by_name:
             base = by_name[r["baseline"]]
             ratio = r["msgs_per_s"] / base["msgs_per_s"]
-            yield Line(
+            yield _line(
                 target,
                 r["name"],
                 f"{ratio:.2f}x ({r['msgs_per_s']:,.0f} vs {base['msgs_per_s']:,.0f} msgs/s)",
                 f">= {floor}x",
-                "ok" if ratio >= floor else "MISSED",
+                ratio >= floor,
             )
+
+
+def _suppression(rows: list[dict[str, Any]]) -> Iterator[Line]:
+    for r in rows:
+        if r.get("target_us") is not None:
+            p50, target = r["p50_us"], r["target_us"]
+            shown = f"{p50 / 1000:.1f} ms" if target >= 1000 else f"{p50:.0f} µs"
+            wanted = f"< {target / 1000:g} ms" if target >= 1000 else f"< {target:g} µs"
+            yield _line(3, r["measure"].strip(), f"p50 {shown}", wanted, p50 < target)
+
+
+def _audit(rows: list[dict[str, Any]]) -> Iterator[Line]:
+    for r in rows:
+        if r["configuration"].startswith("group commit"):
+            rate = r["records_per_s"]
+            figure = f"{rate:,.0f} records/s"
+            yield _line(4, f"audit: {r['configuration']}", figure, ">= 5,000/s", rate >= 5000)
+
+
+def _memory(rows: list[dict[str, Any]]) -> Iterator[Line]:
+    for r in rows:
+        if r.get("target_mb") is not None:
+            rss, most = r["peak_rss_mb"], r["target_mb"]
+            yield _line(
+                5, f"peak RSS: {r['measure']}", f"{rss:.0f} MB", f"< {most:g} MB", rss < most
+            )
+        elif "ms" in r:
+            yield _line(5, r["measure"], f"{r['ms']:.0f} ms", "< 100 ms", r["ms"] < 100)
+
+
+#: ``(target, results file and bench module, what it measures, its lines from the rows)``.
+SOURCES: tuple[tuple[int, str, str, Callable[[list[dict[str, Any]]], Iterable[Line]]], ...] = (
+    (1, "library", "library send_many vs raw aiosmtplib",
+     lambda rows: _ratios(rows, "prospect-mailer send_many", 1, 0.8)),
+    (2, "relay", "relay vs the bare proxy",
+     lambda rows: _ratios(rows, "prospect-mailer relay", 2, 0.6)),
+    (3, "suppression", "suppression checks", _suppression),
+    (4, "audit", "audit records, group commit", _audit),
+    (5, "memory", "memory and responsiveness", _memory),
+)  # fmt: skip
 
 
 def lines(results: Path) -> list[Line]:
     """Every target's lines from the JSON files under ``results``."""
     out: list[Line] = []
-
-    def missing(target: int, what: str, script: str) -> None:
-        out.append(Line(target, what, "", "", f"not run (python -m bench.{script})"))
-
-    library = _load(results, "library")
-    if library is None:
-        missing(1, "library send_many vs raw aiosmtplib", "library")
-    else:
-        out += _ratios(library, "prospect-mailer send_many", 1, 0.8)
-    relay = _load(results, "relay")
-    if relay is None:
-        missing(2, "relay vs the bare proxy", "relay")
-    else:
-        out += _ratios(relay, "prospect-mailer relay", 2, 0.6)
-    suppression = _load(results, "suppression")
-    if suppression is None:
-        missing(3, "suppression checks", "suppression")
-    else:
-        for r in suppression:
-            if r.get("target_us") is not None:
-                p50, target = r["p50_us"], r["target_us"]
-                shown = f"{p50 / 1000:.1f} ms" if target >= 1000 else f"{p50:.0f} µs"
-                wanted = f"< {target / 1000:g} ms" if target >= 1000 else f"< {target:g} µs"
-                out.append(
-                    Line(
-                        3,
-                        r["measure"].strip(),
-                        f"p50 {shown}",
-                        wanted,
-                        "ok" if p50 < target else "MISSED",
-                    )
-                )
-    audit = _load(results, "audit")
-    if audit is None:
-        missing(4, "audit records, group commit", "audit")
-    else:
-        for r in audit:
-            if r["configuration"].startswith("group commit"):
-                rate = r["records_per_s"]
-                out.append(
-                    Line(
-                        4,
-                        f"audit: {r['configuration']}",
-                        f"{rate:,.0f} records/s",
-                        ">= 5,000/s",
-                        "ok" if rate >= 5000 else "MISSED",
-                    )
-                )
-    memory = _load(results, "memory")
-    if memory is None:
-        missing(5, "memory and responsiveness", "memory")
-    else:
-        for r in memory:
-            if r.get("target_mb") is not None:
-                rss, target = r["peak_rss_mb"], r["target_mb"]
-                out.append(
-                    Line(
-                        5,
-                        f"peak RSS: {r['measure']}",
-                        f"{rss:.0f} MB",
-                        f"< {target:g} MB",
-                        "ok" if rss < target else "MISSED",
-                    )
-                )
-            elif "ms" in r:
-                out.append(
-                    Line(
-                        5,
-                        r["measure"],
-                        f"{r['ms']:.0f} ms",
-                        "< 100 ms",
-                        "ok" if r["ms"] < 100 else "MISSED",
-                    )
-                )
-    out.append(
-        Line(
-            6,
-            "upstream pool after the sink restarts",
-            "a test",
-            "recovers",
-            "see make test (POOL_TESTS in bench/summary.py)",
-        )
-    )
+    for target, name, what, read in SOURCES:
+        rows = _load(results, name)
+        if rows is None:
+            out.append(Line(target, what, "", "", f"not run (python -m bench.{name})"))
+        else:
+            out += read(rows)
+    pool = "see make test (POOL_TESTS in bench/summary.py)"
+    out.append(Line(6, "upstream pool after the sink restarts", "a test", "recovers", pool))
     return out
 
 
