@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from prospect_mailer.addresses import NormalisedAddress, domain_keys_of, normalise
+from prospect_mailer.addresses import NormalisedAddress, lookup_keys, normalise
 from prospect_mailer.store import Store, sqlite_url
 from prospect_mailer.store.tables import SUPPRESSION_PREFIX_SQL, suppression_prefixes
 
@@ -70,12 +70,17 @@ def key_index(path: Path) -> None:
         con.close()
 
 
+def is_listed(j: int, present: float) -> bool:
+    """Whether the ``j``-th key of a batch is a listed one: ``present`` of them, evenly spread
+    (every second key for 0.5, every 50th for 0.02)."""
+    return int((j + 1) * present) > int(j * present)
+
+
 def keys(n: int, entries: int, rng: random.Random, present: float = 0.5) -> list[str]:
-    """``present`` of them in the list, evenly spread (every second key for 0.5, every 50th
-    for 0.02), the others absent."""
+    """``present`` of them in the list (see :func:`is_listed`), the others absent."""
     out = []
     for j in range(n):
-        if int((j + 1) * present) > int(j * present):
+        if is_listed(j, present):
             i = rng.randrange(entries)
             out.append(hashlib.sha256(f"suppressed{i}@list.example".encode()).hexdigest())
         else:
@@ -96,7 +101,7 @@ def recipients(n: int, entries: int, rng: random.Random, present: float) -> list
     first = rng.randrange(1_000_000) * n  # companies no earlier batch had
     out = []
     for j in range(n):
-        if int((j + 1) * present) > int(j * present):
+        if is_listed(j, present):
             address = f"suppressed{rng.randrange(entries)}@list.example"
         else:
             company = first + rng.randrange(max(1, n // 2))
@@ -184,17 +189,6 @@ def recipient_names(present: float) -> tuple[str, str]:
     )
 
 
-def recipient_keys(batch: list[NormalisedAddress]) -> tuple[list[str], dict[str, tuple[str, ...]]]:
-    """What the send pipeline looks up for ``batch`` (as ``Pipeline.gather_facts`` does):
-    each address's key and its domain's (and the parents'), once each, sorted; and the keys
-    of each domain."""
-    domains = {a.domain: domain_keys_of(a) for a in batch}
-    found = {a.key_hash for a in batch}
-    for keys_of_domain in domains.values():
-        found.update(keys_of_domain)
-    return sorted(found), domains
-
-
 SINGLE_NAMES = (
     "single check: raw sqlite3, whole-key index",
     "single check: store.suppression.lookup",
@@ -225,7 +219,7 @@ async def measure(
         def ours_recipients(present: float) -> Callable[[list[NormalisedAddress]], Any]:
             async def run(batch: list[NormalisedAddress]) -> None:
                 # As the send pipeline does it: the keys, one lookup, the hits by recipient.
-                probed, domains = recipient_keys(batch)
+                probed, domains = lookup_keys(batch)
                 hits = await lookup(probed)
                 listed = [
                     a for a in batch if any(k in hits for k in (a.key_hash, *domains[a.domain]))
@@ -235,7 +229,7 @@ async def measure(
             return run
 
         def raw_recipients(batch: list[NormalisedAddress]) -> None:
-            raw.parallel(recipient_keys(batch)[0])
+            raw.parallel(lookup_keys(batch)[0])
 
         async def ours_single(k: str) -> None:
             await lookup([k])

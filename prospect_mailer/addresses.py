@@ -19,6 +19,7 @@ import functools
 import hashlib
 import re
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from email.utils import parseaddr
 
@@ -35,6 +36,7 @@ __all__ = [
     "domain_key",
     "domain_keys_for",
     "domain_keys_of",
+    "lookup_keys",
     "mask_address",
     "normalise",
     "normalise_domain",
@@ -238,6 +240,22 @@ def domain_keys_of(address: NormalisedAddress) -> tuple[str, ...]:
     the domain again (it is already): about 0.15 µs against 1 µs, for each recipient of a
     batch (the send pipeline's suppression check)."""
     return _domain_keys(address.domain, True)
+
+
+def lookup_keys(
+    addresses: Iterable[NormalisedAddress],
+) -> tuple[list[str], dict[str, tuple[str, ...]]]:
+    """What a suppression check of ``addresses`` looks up: every address key and every key of
+    their domains (and parents), once each and sorted; and each domain's keys, to match the
+    hits back to each address (its own key, then ``domain_keys[address.domain]``)."""
+    keys: set[str] = set()
+    domain_keys: dict[str, tuple[str, ...]] = {}
+    for a in addresses:
+        keys.add(a.key_hash)
+        domain_keys[a.domain] = domain_keys_of(a)
+    for dk in domain_keys.values():
+        keys.update(dk)
+    return sorted(keys), domain_keys
 
 
 @functools.lru_cache(maxsize=4096)

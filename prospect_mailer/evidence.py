@@ -26,7 +26,7 @@ from typing import Any, Literal
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from pydantic import BaseModel, ConfigDict
 
-from .addresses import domain_keys_for, normalise
+from .addresses import domain_keys_of, normalise
 from .store import AuditRecord, Store, SuppressionHit
 
 __all__ = [
@@ -186,7 +186,7 @@ async def build_evidence(
     async for record in store.audit.iter_events(recipient_hash=key):
         records.append(record)
     events = tuple(_event(r) for r in records)
-    hits = await store.suppression.lookup([key, *domain_keys_for(a.domain)])
+    hits = await store.suppression.lookup([key, *domain_keys_of(a)])
     objections = tuple(
         sorted((_objection(h) for hs in hits.values() for h in hs), key=lambda o: o.effective_at)
     )

@@ -22,7 +22,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import IO, Literal
 
-from .addresses import NormalisedAddress, domain_key, domain_keys_of, normalise
+from .addresses import domain_key, domain_keys_of, lookup_keys, normalise
 from .errors import DataFileError, InvalidAddressError, InvalidInputError
 from .files import _rows  # the one CSV reader (row-level results, bad rows as values)
 from .models import Prospect
@@ -90,36 +90,24 @@ def suppression_hits(
     addresses: Sequence[str], hits: dict[str, list[SuppressionHit]]
 ) -> dict[str, list[SuppressionHit]]:
     """Group looked-up hits by address: ``{address: hits on it, its domain or a parent}``."""
-    keys = _keys([normalise(a) for a in addresses])
     return {
         address: found
-        for address, ks in zip(addresses, keys, strict=True)
-        if (found := [h for k in ks for h in hits.get(k, ())])
+        for address, a in zip(addresses, [normalise(x) for x in addresses], strict=True)
+        if (found := [h for k in (a.key_hash, *domain_keys_of(a)) for h in hits.get(k, ())])
     }
-
-
-def _keys(addresses: Sequence[NormalisedAddress]) -> list[list[str]]:
-    """Each address's lookup keys: its own, then its domain's and parents' (domains cached)."""
-    by_domain: dict[str, tuple[str, ...]] = {}
-    out = []
-    for a in addresses:
-        dk = by_domain.get(a.domain)
-        if dk is None:
-            dk = by_domain[a.domain] = domain_keys_of(a)
-        out.append([a.key_hash, *dk])
-    return out
 
 
 async def _lookup(store: Store, prospects: Sequence[Prospect]) -> dict[str, list[SuppressionHit]]:
     """``{email: hits}`` for the prospects on the suppression list; one query per chunk."""
-    keys = _keys([p.address for p in prospects])  # normalised once per prospect
-    hits = await store.suppression.lookup(sorted({k for ks in keys for k in ks}))
+    addresses = [p.address for p in prospects]  # normalised once per prospect
+    keys, domain_keys = lookup_keys(addresses)
+    hits = await store.suppression.lookup(keys)
     if not hits:
         return {}
     return {
         p.email: found
-        for p, ks in zip(prospects, keys, strict=True)
-        if (found := [h for k in ks for h in hits.get(k, ())])
+        for p, a in zip(prospects, addresses, strict=True)
+        if (found := [h for k in (a.key_hash, *domain_keys[a.domain]) for h in hits.get(k, ())])
     }
 
 

@@ -30,7 +30,7 @@ from typing import Literal
 from jinja2 import TemplateError
 
 from . import policy
-from .addresses import RoleClassifier, domain_keys_of
+from .addresses import RoleClassifier, lookup_keys
 from .compose import Composer
 from .errors import (
     ConfigError,
@@ -120,12 +120,9 @@ class Pipeline:
         """One suppression query and one prior-contact query for the whole chunk, and one of
         the claim statuses unless ``statuses`` is false."""
         addresses = [p.address for p in chunk]
-        domain_keys = {a.domain: domain_keys_of(a) for a in addresses}
-        keys = {a.key_hash for a in addresses}
-        for dk in domain_keys.values():
-            keys.update(dk)
+        keys, domain_keys = lookup_keys(addresses)
         try:
-            hits = await self.store.suppression.lookup(sorted(keys))
+            hits = await self.store.suppression.lookup(keys)
             hashes = sorted({a.key_hash for a in addresses})
             prior = await self.store.claims.prior_contacts(campaign.advertiser.id, hashes)
             # Dry run: what would be a duplicate. Real send: what need not be composed (the

@@ -18,7 +18,7 @@ from typing import IO, Annotated, Literal
 import typer
 from rich.table import Table
 
-from ..addresses import domain_key, domain_keys_for, normalise
+from ..addresses import domain_key, domain_keys_for, domain_keys_of, normalise
 from ..lists import KeyListFormat, iter_chunks, read_key_list
 from ..models import SuppressionReason, SuppressionScope
 from ..store import AuditEvent, Store, SuppressionKind
@@ -154,7 +154,7 @@ def suppress_check(
     for v in values:
         if "@" in v:
             a = normalise(v)
-            wanted.append((v, [a.key_hash, *domain_keys_for(a.domain)]))
+            wanted.append((v, [a.key_hash, *domain_keys_of(a)]))
         else:
             wanted.append((v, domain_keys_for(v)))
 
