@@ -104,9 +104,8 @@ class Pipeline:
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
         limit = asyncio.Semaphore(concurrency or self.concurrency)
-        finisher = self._commits
         async for chunk in chunks(prospects, chunk_size):
-            async for outcome in self.chunk(chunk, campaign, options, limit, finisher):
+            async for outcome in self.chunk(chunk, campaign, options, limit):
                 yield outcome
 
     async def gather_facts(
@@ -193,16 +192,15 @@ class Pipeline:
         campaign: Campaign,
         options: Options,
         limit: asyncio.Semaphore,
-        finisher: SendCommits[ClaimBatch, list[ClaimResult]],
     ) -> AsyncIterator[Outcome]:
         """One chunk: facts, decisions, messages, claims with their records, then sends.
 
         Database work is batched per chunk (three reads, one transaction for the claims and
         records); only the sends run one by one, with bounded concurrency, and their results
-        are group-committed by the finisher.
+        are group-committed with other sends' (``SendCommits``).
         """
         slots: list[Outcome | asyncio.Future[Outcome]] = [
-            asyncio.ensure_future(self.deliver(slot, campaign, options, limit, finisher))
+            asyncio.ensure_future(self.deliver(slot, campaign, options, limit))
             if isinstance(slot, Plan)
             else slot
             for slot in await self.prepare(chunk, campaign, options, statuses=True)
@@ -225,7 +223,7 @@ class Pipeline:
             [prospect], campaign, options, statuses=options.dry_run and options.duplicates
         )
         if isinstance(slot, Plan):
-            return await self.deliver(slot, campaign, options, None, self._commits)
+            return await self.deliver(slot, campaign, options, None)
         return slot
 
     async def prepare(
@@ -442,7 +440,6 @@ class Pipeline:
         campaign: Campaign,
         options: Options,
         limit: asyncio.Semaphore | None,
-        finisher: SendCommits[ClaimBatch, list[ClaimResult]],
     ) -> Outcome:
         assert p.message is not None
         email_addr = p.item.prospect.email
@@ -458,7 +455,7 @@ class Pipeline:
                     "failed" if isinstance(exc, TransportPermanentError) else "deferred"
                 )
                 try:
-                    await finisher.submit(
+                    await self._commits.submit(
                         p.finish_request(campaign, options, status),
                         p.event(status, extra={"smtp_code": exc.code, "smtp_reply": exc.reply}),
                     )
@@ -475,7 +472,7 @@ class Pipeline:
                 )
         detail = ""
         try:
-            await finisher.submit(
+            await self._commits.submit(
                 p.finish_request(campaign, options, "sent"),
                 p.event("sent", extra={"smtp_code": delivery.code, "smtp_reply": delivery.reply}),
             )
