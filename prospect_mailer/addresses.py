@@ -246,25 +246,29 @@ def lookup_keys(
     addresses: Iterable[NormalisedAddress],
 ) -> tuple[list[str], dict[str, tuple[str, ...]]]:
     """What a suppression check of ``addresses`` looks up: every address key and every key of
-    their domains (and parents), once each and sorted; and each domain's keys, to match the
-    hits back to each address (its own key, then ``domain_keys[address.domain]``)."""
-    keys: set[str] = set()
+    their domains (and parents), once each, in the order first met (an address's key, then
+    its domain's keys when the domain is new); and each domain's keys, to match the hits back
+    to each address (its own key, then ``domain_keys[address.domain]``)."""
+    keys: dict[str, None] = {}
     domain_keys: dict[str, tuple[str, ...]] = {}
     for a in addresses:
-        keys.add(a.key_hash)
-        domain_keys[a.domain] = domain_keys_of(a)
-    for dk in domain_keys.values():
-        keys.update(dk)
-    return sorted(keys), domain_keys
+        keys[a.key_hash] = None
+        if a.domain not in domain_keys:
+            found = domain_keys[a.domain] = domain_keys_of(a)
+            for key in found:
+                keys[key] = None
+    return list(keys), domain_keys
 
 
 @functools.lru_cache(maxsize=4096)
 def _domain_keys(d: str, include_parents: bool) -> tuple[str, ...]:
+    # Most domains have no parent to add (``acme.fr``): one hash, no list. A parent's key
+    # comes from the cache (``co.uk`` is hashed once, not for every ``*.co.uk``).
+    key = hashlib.sha256(b"@" + d.encode("ascii")).hexdigest()
+    if not include_parents or d.count(".") < 2:
+        return (key,)
     labels = d.split(".")
-    names = [d]
-    if include_parents:
-        names += [".".join(labels[i:]) for i in range(1, len(labels) - 1)]
-    return tuple(hashlib.sha256(("@" + n).encode("ascii")).hexdigest() for n in names)
+    return (key, *[_domain_keys(".".join(labels[i:]), False)[0] for i in range(1, len(labels) - 1)])
 
 
 def mask_address(address: NormalisedAddress | str) -> str:
