@@ -37,6 +37,7 @@ from .claims import (
 from .engine import Database, create_engine, parse_url
 from .fastread import SQLiteReader
 from .fastwrite import SQLiteWriter
+from .keyfilter import STATE_DDL, STATE_TRIGGERS
 from .prospects import ProspectRegistry
 from .suppression import SuppressionList
 from .tables import AUDIT_HEAD, SCHEMA_VERSION, STORE_TABLES, SUPPRESSION
@@ -48,8 +49,10 @@ log = logging.getLogger("prospect_mailer.store")
 #: The schema version this code creates and understands.
 #: 1: the first schema. 2: the suppression lookup index covers every column a lookup reads
 #: (``ix_suppression_lookup``, replacing ``ix_suppression_key_hash``). 3: that index is
-#: replaced by one on the key's first 16 hex digits (``ix_suppression_prefix``).
-CURRENT_SCHEMA_VERSION = 3
+#: replaced by one on the key's first 16 hex digits (``ix_suppression_prefix``). 4: SQLite
+#: keeps ``suppression_state`` by triggers, so that a reader's key filter can be kept exact
+#: (:mod:`~prospect_mailer.store.keyfilter`); nothing changes on PostgreSQL.
+CURRENT_SCHEMA_VERSION = 4
 
 #: Seconds an open waits for another process creating or upgrading the schema (SQLite).
 SCHEMA_LOCK_WAIT = 900.0
@@ -84,8 +87,42 @@ def _migrate_2_to_3(conn: Connection) -> None:
     conn.execute(text("DROP INDEX IF EXISTS ix_suppression_lookup"))
 
 
+def _migrate_3_to_4(conn: Connection) -> None:
+    """Version 4's ``suppression_state`` is created (SQLite) at every open by
+    :func:`_suppression_state`, which also repairs it: nothing more to do."""
+
+
 #: ``version -> step`` bringing a database from ``version`` to ``version + 1``.
-_MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
+_MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    1: _migrate_1_to_2,
+    2: _migrate_2_to_3,
+    3: _migrate_3_to_4,
+}
+
+
+def _suppression_state(conn: Connection) -> None:
+    """SQLite: create ``suppression_state`` and its triggers if missing (the state starts at
+    the list's highest id). A trigger found missing beside an existing state (dropped by
+    hand) means inserts may have gone uncounted: the state is marked changed, so every
+    reader's key filter is built again."""
+    rows = conn.execute(
+        text(
+            "SELECT type, name FROM sqlite_master "
+            "WHERE (type = 'table' AND name = 'suppression_state') OR type = 'trigger'"
+        )
+    ).all()
+    had_state = any(kind == "table" for kind, _ in rows)
+    triggers = {name for kind, name in rows if kind == "trigger"}
+    for statement in STATE_DDL:
+        conn.execute(text(statement))
+    if had_state and not triggers.issuperset(STATE_TRIGGERS):
+        log.warning("suppression_state triggers were missing: recreated, key filters rebuilt")
+        conn.execute(
+            text(
+                "UPDATE suppression_state SET misordered = misordered + 1, "
+                "high = max(high, (SELECT coalesce(max(id), 0) FROM suppression)) WHERE id = 1"
+            )
+        )
 
 
 async def _ensure_schema(db: Database, conn: AsyncConnection) -> None:
@@ -101,6 +138,8 @@ async def _ensure_schema(db: Database, conn: AsyncConnection) -> None:
             f"understands ({CURRENT_SCHEMA_VERSION}): upgrade prospect-mailer"
         )
     await conn.run_sync(_create_tables)
+    if db.dialect == "sqlite":
+        await conn.run_sync(_suppression_state)
     now = datetime.now(UTC)
     if found is None:
         await conn.execute(
@@ -173,6 +212,7 @@ class Store:
         connect_timeout: float = 5.0,
         pool_size: int = 10,
         echo: bool = False,
+        key_filter: bool = True,
     ) -> Store:
         """Connect to ``url`` and create or check the schema.
 
@@ -183,6 +223,10 @@ class Store:
             connect_timeout: seconds to wait for a PostgreSQL connection.
             pool_size: PostgreSQL connections kept open (as many again may overflow).
             echo: log every SQL statement (debugging).
+            key_filter: SQLite file: screen suppression lookups with an in-memory filter
+                of the list's keys (:mod:`~prospect_mailer.store.keyfilter`: 20 bits an
+                entry, 25 MB for 10,000,000); ``False`` spares that memory, every key then
+                going to SQLite.
 
         Raises:
             ConfigError: the URL or schema name is not usable.
@@ -215,7 +259,11 @@ class Store:
                 and parsed.database != ":memory:"
                 and not parsed.database.startswith("file:")
             )
-            reader = SQLiteReader(parsed.database) if direct and parsed.database else None
+            reader = (
+                SQLiteReader(parsed.database, key_filter=key_filter)
+                if direct and parsed.database
+                else None
+            )
             writer = SQLiteWriter(parsed.database) if direct and parsed.database else None
         except BaseException:
             await db.engine.dispose()
@@ -232,13 +280,19 @@ class Store:
         connect_timeout: float = 5.0,
         pool_size: int = 10,
         echo: bool = False,
+        key_filter: bool = True,
     ) -> AsyncIterator[Store]:
         """``async with Store.connect(url) as store``: :meth:`open`, then :meth:`close`.
 
         Arguments and errors are those of :meth:`open`.
         """
         store = await cls.open(
-            url, schema=schema, connect_timeout=connect_timeout, pool_size=pool_size, echo=echo
+            url,
+            schema=schema,
+            connect_timeout=connect_timeout,
+            pool_size=pool_size,
+            echo=echo,
+            key_filter=key_filter,
         )
         try:
             yield store

@@ -6,8 +6,18 @@ read-only stdlib ``sqlite3`` connections on the same file. Small lookups (a rela
 handful of keys) run inline on one of them: an indexed probe of a few microseconds costs the
 event loop less than the thread hop would. Large batches run in worker threads, on the others,
 so the loop stays responsive.
-WAL mode lets this reader see every committed write at once; no caching, so nothing can be
-stale.
+WAL mode lets this reader see every committed write at once.
+
+Screening (schema version 4): once the first large batch has asked, a thread of its own
+builds a Bloom filter of the list's keys (:mod:`~prospect_mailer.store.keyfilter`; about 15 s
+and 25 MB for 10,000,000 entries), and from then on every lookup asks it first: only the keys
+it cannot rule out, the listed ones and about 0.3% of the others, are looked up in SQLite.
+Before each use the filter is checked against the one-row ``suppression_state`` that
+triggers keep whoever writes (a point read of a few microseconds): entries added since it was
+built are read by id and added, so a key listed a moment ago by another process is never
+missed; an insert it cannot account for that way (an id reused, a key changed) drops it and
+a new one is built, the lookups going to SQLite meanwhile, as they do before the first build
+and whenever the state cannot be read.
 
 Keys are probed through the index on their first 16 hex digits (``ix_suppression_prefix``,
 schema version 3): 253 MB for 10,000,000 entries against 1.5 GB for the covering index of the
@@ -28,18 +38,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import StoreError
+from .keyfilter import STATE_SQL, KeyFilter, build_filter, new_prefixes
 from .tables import SUPPRESSION_PREFIX_SQL, suppression_prefixes
 
 __all__ = ["INLINE_MAX_KEYS", "SQLiteReader"]
+
+log = logging.getLogger("prospect_mailer.store")
 
 #: Lookups of at most this many keys run on the event loop thread.
 INLINE_MAX_KEYS = 32
@@ -58,6 +73,11 @@ _SELECT_JSON = (
 )
 #: A batch is split in parts of at least this many keys, one per parallel connection.
 PART_MIN_KEYS = 200
+#: Entries added since the filter was built that a lookup reads and adds itself; more (a
+#: large import meanwhile) and the filter is built again beside, the lookups going to SQLite.
+CATCH_UP_MAX = 10_000
+#: Seconds before a failed filter build is tried again.
+RETRY_BUILD = 60.0
 
 
 def _chunks(keys: Sequence[str]) -> Iterator[tuple[list[str], str]]:
@@ -85,13 +105,15 @@ def _has_json(con: sqlite3.Connection) -> bool:
 class SQLiteReader:
     """Read-only suppression queries on a SQLite file, outside SQLAlchemy."""
 
-    def __init__(self, path: str, parallel: int | None = None) -> None:
+    def __init__(self, path: str, parallel: int | None = None, *, key_filter: bool = True) -> None:
         """Open the read-only connections on the SQLite file at ``path``.
 
         Args:
             path: the database file.
             parallel: connections (and threads) a large batch is split between; default
                 ``min(2, os.cpu_count())``.
+            key_filter: screen lookups with a key filter (see the module doc); ``False``:
+                never build one, every key goes to SQLite.
 
         Raises:
             StoreError: the file cannot be opened.
@@ -117,6 +139,16 @@ class SQLiteReader:
             self._parts.put(con)
         self._part_cons = parts
         self._pool = ThreadPoolExecutor(count, thread_name_prefix="prospect-mailer-read")
+        self._path = path
+        # The key filter (under self._lock), the thread building one, and when a build failed.
+        self._filter: KeyFilter | None = None
+        self._builder: threading.Thread | None = None
+        self._built = threading.Event()  # set when no build is running
+        self._built.set()
+        self._stop = threading.Event()
+        if not key_filter:
+            self._stop.set()  # no build ever starts
+        self._failed_at = -RETRY_BUILD
 
     @property
     def parallel(self) -> int:
@@ -140,10 +172,97 @@ class SQLiteReader:
         wanted = set(keys)
         return [row for row in rows if row[1] in wanted]
 
-    def _query(self, keys: Sequence[str]) -> list[Any]:
+    def _query(self, keys: Sequence[str], screen: bool = True) -> list[Any]:
         with self._lock:
+            if screen:
+                keys = self._screen(keys)
+                if not keys:
+                    return []
             # Row by row: for a few keys, cheaper than building and parsing JSON.
             return self._select(self._con, keys, aggregate=False)
+
+    def _screen(self, keys: Sequence[str]) -> Sequence[str]:
+        """The keys the filter cannot rule out, once it is brought up to date; all of them
+        when there is no filter to use (none built yet, or just dropped). Under the lock.
+
+        A state that cannot be read drops the filter: the keys go to SQLite, which answers
+        or fails as it would without one.
+        """
+        screen = self._filter
+        if screen is None:
+            return keys
+        try:
+            high, misordered = self._con.execute(STATE_SQL).fetchone()
+            if misordered != screen.misordered or high - screen.high > CATCH_UP_MAX:
+                # Entries the filter cannot be told about by id: build it again.
+                self._filter = None
+                self._start_build()
+                return keys
+            if high > screen.high:
+                screen.add(new_prefixes(self._con, screen.high, high))
+                screen.high = high
+                if screen.full:
+                    self._start_build()  # still right meanwhile, only less selective
+        except (sqlite3.Error, TypeError, ValueError) as exc:
+            self._filter = None
+            log.warning("suppression key filter dropped: its state cannot be read: %s", exc)
+            return keys
+        return screen.candidates(keys)
+
+    def _start_build(self) -> None:
+        """Build a new filter in a thread of its own, unless one is being built or the last
+        build failed less than :data:`RETRY_BUILD` seconds ago. Under the lock."""
+        if self._stop.is_set() or not self._built.is_set():
+            return
+        if time.monotonic() - self._failed_at < RETRY_BUILD:
+            return
+        self._built.clear()
+        self._builder = threading.Thread(
+            target=self._build, name="prospect-mailer-key-filter", daemon=True
+        )
+        self._builder.start()
+
+    def _build(self) -> None:
+        started = time.perf_counter()
+        built: KeyFilter | None = None
+        try:
+            con = _connect(self._path)
+            try:
+                built = build_filter(con, self._stop)
+            finally:
+                con.close()
+        except (sqlite3.Error, TypeError, ValueError) as exc:
+            log.warning(
+                "building the suppression key filter failed (lookups go to SQLite): %s", exc
+            )
+            with self._lock:
+                self._failed_at = time.monotonic()
+        if built is not None:
+            with self._lock:
+                if not self._stop.is_set():
+                    self._filter = built
+            log.info(
+                "suppression key filter ready: %d entries, %.1f MB, in %.1f s",
+                built.added,
+                built.nbytes / 1e6,
+                time.perf_counter() - started,
+            )
+        self._built.set()
+
+    async def prepare(self) -> KeyFilter | None:
+        """Build the key filter now if there is none, and wait for it (a first lookup only
+        starts the build). Returns the filter in use, ``None`` if it could not be built."""
+        with self._lock:
+            if self._filter is None:
+                self._failed_at = -RETRY_BUILD
+                self._start_build()
+        await asyncio.to_thread(self._built.wait)
+        return self._filter
+
+    @property
+    def key_filter(self) -> KeyFilter | None:
+        """The key filter in use, if any (tests, benchmarks)."""
+        return self._filter
 
     def _query_part(self, keys: Sequence[str]) -> list[Any]:
         con = self._parts.get()
@@ -193,6 +312,12 @@ class SQLiteReader:
         """
         if len(keys) <= INLINE_MAX_KEYS:
             return self._query(keys)
+        with self._lock:
+            if self._filter is None:
+                self._start_build()  # for the next batches; this one goes to SQLite
+            keys = self._screen(keys)
+        if len(keys) <= INLINE_MAX_KEYS:
+            return self._query(keys, screen=False) if keys else []
         count = max(1, min(self.parallel, len(keys) // PART_MIN_KEYS))
         # Sorted, so that each part probes its own stretch of the index.
         ordered = sorted(keys)
@@ -216,7 +341,12 @@ class SQLiteReader:
             con.set_trace_callback(callback)
 
     def close(self) -> None:
-        """Close the connections (waiting for a batch part still running)."""
+        """Close the connections (waiting for a batch part still running, and stopping a
+        filter build)."""
+        self._stop.set()
+        builder = self._builder
+        if builder is not None:
+            builder.join()
         self._pool.shutdown(wait=True)
         with self._lock:
             self._con.close()

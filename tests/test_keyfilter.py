@@ -1,0 +1,332 @@
+"""The suppression key filter: it screens lookups, and never hides a listed key.
+
+Every way an entry can reach the list behind a filter's back is tried here on a real SQLite
+file: another process inserting (the next id), an id reused after the highest entry was
+deleted, an id set by hand below the others, a key changed in place, a large import, the
+state's trigger dropped by hand, an old schema migrated. After each, the very next lookup
+must find the entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+from store_fixtures import behind_the_stores_back
+
+from prospect_mailer.errors import StoreError
+from prospect_mailer.store import Store
+from prospect_mailer.store.fastread import CATCH_UP_MAX
+from prospect_mailer.store.keyfilter import BITS_PER_ENTRY, KeyFilter, build_filter
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+
+def _hashes(n: int, salt: str = "") -> list[str]:
+    return [hashlib.sha256(f"{salt}{i}".encode()).hexdigest() for i in range(n)]
+
+
+def _insert(path: Path, key: str, row_id: int | None = None) -> None:
+    """Insert an entry as another program would, through its own connection."""
+    behind_the_stores_back(
+        path,
+        "INSERT INTO suppression (id, kind, key_hash, scope, scope_value, reason, source, "
+        f"created_at) VALUES ({'NULL' if row_id is None else row_id}, 'address', '{key}', "
+        "'global', '', 'manual', 'other-process', '2026-12-01T00:00:00+00:00')",
+    )
+
+
+def _state(path: Path) -> tuple[int, int]:
+    con = sqlite3.connect(path)
+    try:
+        high, misordered = con.execute("SELECT high, misordered FROM suppression_state").fetchone()
+        return int(high), int(misordered)
+    finally:
+        con.close()
+
+
+async def _filled(path: Path, n: int = 3000) -> tuple[Store, list[str]]:
+    """A store with ``n`` entries and its key filter built."""
+    store = await Store.open(path)
+    keys = _hashes(n, "listed")
+    await store.suppression.add_hashes(
+        keys, kind="address", scope="global", scope_value="", reason="import", source="feed"
+    )
+    assert await store.suppression.prepare()
+    return store, keys
+
+
+def test_filter_keeps_every_key_added_and_passes_few_others() -> None:
+    entries = 200_000
+    listed = _hashes(entries, "in")
+    screen = KeyFilter(entries, high=entries, misordered=0)
+    assert screen.bits_count == BITS_PER_ENTRY * entries
+    screen.add(listed)
+    assert screen.candidates(listed) == listed  # never a false negative, order kept
+    absent = _hashes(entries, "out")
+    passed = len(screen.candidates(absent))
+    assert 0 < passed < 0.006 * entries  # about 0.3% at 20 bits an entry
+    assert not screen.full
+    screen.add(_hashes(entries // 2 + 1, "more"))
+    assert screen.full  # grown by more than half: the reader builds a bigger one
+
+
+def test_a_key_that_is_not_hex_is_always_a_candidate() -> None:
+    screen = KeyFilter(10, high=0, misordered=0)
+    screen.add(["not hex at all!!", "0123"])  # a stored odd key is skipped, never an error
+    assert screen.candidates(["not hex at all!!", "zz", ""]) == ["not hex at all!!", "zz", ""]
+    assert screen.candidates(["0123"]) == ["0123"]
+
+
+async def test_a_build_in_stretches_holds_every_stored_key(tmp_path: Path) -> None:
+    """Stretches that end inside a run of equal prefixes, and stored keys that are not 16
+    hex digits (written by hand: the store refuses them), read row by row."""
+    path = tmp_path / "pm.db"
+    async with Store.connect(path, key_filter=False) as store:
+        shared = ["0123456789abcdef" + c * 48 for c in "abcdef0123"]  # one prefix, 10 keys
+        await store.suppression.add_hashes(
+            [*_hashes(100), *shared], kind="address", scope="global", scope_value="",
+            reason="import", source="feed",
+        )  # fmt: skip
+    for odd in ("short", "NOT HEX AT ALL, but long enough", "ab cd ef 01 23 45 67 89"):
+        _insert(path, odd)
+    con = sqlite3.connect(path)
+    try:
+        stored = [row[0] for row in con.execute("SELECT key_hash FROM suppression")]
+        for stretch in (7, 10, 1000):
+            built = build_filter(con, stretch=stretch)
+            assert built is not None
+            assert built.high == 113
+            assert built.candidates(stored) == stored
+            assert len(built.candidates(_hashes(1000, "absent"))) < 10
+        stop = threading.Event()
+        stop.set()
+        assert build_filter(con, stop, stretch=7) is None
+    finally:
+        con.close()
+
+
+async def test_screened_lookups_find_the_listed_keys_and_skip_sqlite_for_the_others(
+    tmp_path: Path,
+) -> None:
+    store, keys = await _filled(tmp_path / "pm.db")
+    try:
+        reader = store.suppression.reader
+        assert reader is not None
+        assert reader.key_filter is not None
+        statements: list[str] = []
+        reader.set_trace(statements.append)
+        absent = _hashes(2000, "absent")
+        batch = [*absent[:1000], *keys[:20], *absent[1000:]]
+        found = await store.suppression.lookup(batch)
+        assert set(found) == set(keys[:20])
+        single = await store.suppression.lookup([keys[7]])
+        assert list(single) == [keys[7]]
+        assert await store.suppression.lookup(absent[:3]) == {}
+        # The state is read before each use, and the absent keys never reach the index:
+        # only the candidates (20 listed keys and a few false positives) are looked up.
+        lookups = [s for s in statements if "FROM suppression " in s and "IN (" in s]
+        assert sum("suppression_state" in s for s in statements) == 3
+        assert sum(s.count("'") // 2 for s in lookups) < 60
+    finally:
+        await store.close()
+
+
+async def test_an_entry_added_by_another_process_is_found_at_the_next_lookup(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "pm.db"
+    store, _ = await _filled(path)
+    other = await Store.open(path, key_filter=False)
+    try:
+        batch = _hashes(500, "absent")
+        new = _hashes(3, "new")
+        _insert(path, new[0])
+        await other.suppression.add_hashes(
+            new[1:], kind="address", scope="advertiser", scope_value="acme",
+            reason="unsubscribe", source="web",
+        )  # fmt: skip
+        assert set(await store.suppression.lookup([*batch, *new])) == set(new)
+        assert list(await store.suppression.lookup([new[0]])) == [new[0]]
+        screen = store.suppression.reader.key_filter  # type: ignore[union-attr]
+        assert screen is not None
+        assert screen.high == _state(path)[0]
+    finally:
+        await other.close()
+        await store.close()
+
+
+@pytest.mark.parametrize("how", ["reused id", "id set by hand", "key changed"])
+async def test_an_entry_the_ids_cannot_account_for_drops_the_filter(
+    tmp_path: Path, how: str
+) -> None:
+    """An insert whose id is not above every id before it (SQLite reuses the highest id once
+    that entry is deleted; a program may set one), or a key changed in place: the filter
+    cannot be told by id, so it is dropped and built again; the lookup meanwhile goes to
+    SQLite and finds the entry."""
+    path = tmp_path / "pm.db"
+    store, _keys = await _filled(path)
+    try:
+        high, misordered = _state(path)
+        new = _hashes(1, how)[0]
+        if how == "reused id":
+            behind_the_stores_back(path, f"DELETE FROM suppression WHERE id = {high}")
+            _insert(path, new)
+        elif how == "id set by hand":
+            behind_the_stores_back(path, "DELETE FROM suppression WHERE id = 5")
+            _insert(path, new, row_id=5)
+        else:
+            behind_the_stores_back(path, f"UPDATE suppression SET key_hash = '{new}' WHERE id = 9")
+        assert _state(path) == (high, misordered + 1)
+        batch = [*_hashes(300, "absent"), new]
+        assert list(await store.suppression.lookup(batch)) == [new]
+        assert list(await store.suppression.lookup([new])) == [new]
+        # Rebuilt beside, at the new state; it holds the entry too.
+        assert await store.suppression.prepare()
+        reader = store.suppression.reader
+        assert reader is not None
+        assert reader.key_filter is not None
+        assert reader.key_filter.misordered == misordered + 1
+        assert list(await store.suppression.lookup(batch)) == [new]
+    finally:
+        await store.close()
+
+
+async def test_a_large_import_meanwhile_rebuilds_the_filter(tmp_path: Path) -> None:
+    path = tmp_path / "pm.db"
+    store, _ = await _filled(path, 100)
+    try:
+        reader = store.suppression.reader
+        assert reader is not None
+        built = reader.key_filter
+        imported = _hashes(CATCH_UP_MAX + 1, "import")
+        con = sqlite3.connect(path)
+        con.executemany(
+            "INSERT INTO suppression (kind, key_hash, scope, scope_value, reason, source, "
+            "created_at) VALUES ('address', ?, 'global', '', 'import', 'feed', "
+            "'2026-12-01T00:00:00+00:00')",
+            [(k,) for k in imported],
+        )
+        con.commit()
+        con.close()
+        batch = [*_hashes(100, "absent"), imported[0], imported[-1]]
+        assert set(await store.suppression.lookup(batch)) == {imported[0], imported[-1]}
+        assert await store.suppression.prepare()
+        assert reader.key_filter is not built
+        assert reader.key_filter is not None
+        assert reader.key_filter.high == _state(path)[0]
+        assert set(await store.suppression.lookup(batch)) == {imported[0], imported[-1]}
+    finally:
+        await store.close()
+
+
+async def test_an_unreadable_state_drops_the_filter_and_sqlite_answers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "pm.db"
+    store, keys = await _filled(path)
+    try:
+        reader = store.suppression.reader
+        assert reader is not None
+        behind_the_stores_back(path, "DROP TRIGGER suppression_state_insert")
+        behind_the_stores_back(path, "DROP TABLE suppression_state")
+        new = _hashes(1, "new")[0]
+        _insert(path, new)  # uncounted: nothing counts any more
+        batch = [keys[0], new, *_hashes(100, "absent")]
+        assert set(await store.suppression.lookup(batch)) == {keys[0], new}
+        assert reader.key_filter is None
+        assert "its state cannot be read" in caplog.text
+        assert not await store.suppression.prepare()  # no state: nothing to build from
+        assert set(await store.suppression.lookup(batch)) == {keys[0], new}
+        # And a store that cannot be read at all fails the lookup (the caller fails closed).
+        behind_the_stores_back(path, "DROP TABLE suppression")
+        with pytest.raises(StoreError, match="suppression lookup failed"):
+            await store.suppression.lookup(batch)
+    finally:
+        await store.close()
+
+
+async def test_a_dropped_trigger_is_recreated_and_the_filters_rebuilt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "pm.db"
+    async with Store.connect(path) as store:
+        await store.suppression.add_hashes(
+            _hashes(10), kind="address", scope="global", scope_value="", reason="import",
+            source="feed",
+        )  # fmt: skip
+    behind_the_stores_back(path, "DROP TRIGGER suppression_state_insert")
+    uncounted = _hashes(1, "uncounted")[0]
+    _insert(path, uncounted)  # no trigger: the state does not know of it
+    assert _state(path) == (10, 0)
+    async with Store.connect(path) as store:
+        assert _state(path) == (11, 1)  # a filter built before this open is dropped
+        assert "suppression_state triggers were missing" in caplog.text
+        assert await store.suppression.prepare()
+        assert list(await store.suppression.lookup([uncounted])) == [uncounted]
+        _insert(path, _hashes(1, "counted")[0])
+    assert _state(path) == (12, 1)
+
+
+async def test_a_version_3_store_gets_its_state_from_the_highest_id(tmp_path: Path) -> None:
+    path = tmp_path / "pm.db"
+    async with Store.connect(path) as store:
+        await store.suppression.add_hashes(
+            _hashes(40), kind="address", scope="global", scope_value="", reason="import",
+            source="feed",
+        )  # fmt: skip
+    for statement in (
+        "DROP TRIGGER suppression_state_insert",
+        "DROP TRIGGER suppression_state_update",
+        "DROP TABLE suppression_state",
+        "UPDATE schema_version SET version = 3",
+    ):
+        behind_the_stores_back(path, statement)
+    async with Store.connect(path) as store:
+        assert _state(path) == (40, 0)
+        assert await store.suppression.prepare()
+        new = _hashes(1, "after")[0]
+        _insert(path, new)
+        assert list(await store.suppression.lookup([new, *_hashes(50, "absent")])) == [new]
+
+
+async def test_key_filter_off_builds_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "pm.db"
+    async with Store.connect(path, key_filter=False) as store:
+        keys = _hashes(100)
+        await store.suppression.add_hashes(
+            keys, kind="address", scope="global", scope_value="", reason="import", source="feed"
+        )
+        assert set(await store.suppression.lookup([*keys, *_hashes(100, "x")])) == set(keys)
+        assert not await store.suppression.prepare()
+        assert store.suppression.reader is not None
+        assert store.suppression.reader.key_filter is None
+
+
+async def test_a_first_large_lookup_starts_the_build_and_close_stops_it(tmp_path: Path) -> None:
+    path = tmp_path / "pm.db"
+    store = await Store.open(path)
+    try:
+        keys = _hashes(200)
+        await store.suppression.add_hashes(
+            keys, kind="address", scope="global", scope_value="", reason="import", source="feed"
+        )
+        reader = store.suppression.reader
+        assert reader is not None
+        assert reader.key_filter is None
+        await store.suppression.lookup(keys[:10])  # a few keys: no build for them
+        assert reader.key_filter is None
+        assert set(await store.suppression.lookup(keys)) == set(keys)
+        for _ in range(200):  # the build runs in a thread of its own
+            if reader.key_filter is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert reader.key_filter is not None
+        assert reader.key_filter.added == 200
+    finally:
+        await store.close()
+    assert not [t for t in threading.enumerate() if "key-filter" in t.name]
