@@ -10,8 +10,10 @@ WAL mode lets this reader see every committed write at once.
 
 Screening (schema version 4): once the first large batch has asked, a thread of its own
 builds a Bloom filter of the list's keys (:mod:`~prospect_mailer.store.keyfilter`; about 15 s
-and 25 MB for 10,000,000 entries), and from then on every lookup asks it first: only the keys
-it cannot rule out, the listed ones and about 0.3% of the others, are looked up in SQLite.
+and 25 MB for 10,000,000 entries), and from then on every large lookup asks it first: only
+the keys it cannot rule out, the listed ones and about 0.3% of the others, are looked up in
+SQLite. Small lookups (a relay's RCPT) are not screened: reading the state costs about what
+it would save them.
 Before each use the filter is checked against the one-row ``suppression_state`` that
 triggers keep whoever writes (a point read of a few microseconds): entries added since it was
 built are read by id and added, so a key listed a moment ago by another process is never
@@ -172,13 +174,10 @@ class SQLiteReader:
         wanted = set(keys)
         return [row for row in rows if row[1] in wanted]
 
-    def _query(self, keys: Sequence[str], screen: bool = True) -> list[Any]:
+    def _query(self, keys: Sequence[str]) -> list[Any]:
         with self._lock:
-            if screen:
-                keys = self._screen(keys)
-                if not keys:
-                    return []
-            # Row by row: for a few keys, cheaper than building and parsing JSON.
+            # Row by row: for a few keys, cheaper than building and parsing JSON. Not
+            # screened: for so few keys, reading the filter's state costs what it saves.
             return self._select(self._con, keys, aggregate=False)
 
     def _screen(self, keys: Sequence[str]) -> Sequence[str]:
@@ -317,7 +316,7 @@ class SQLiteReader:
                 self._start_build()  # for the next batches; this one goes to SQLite
             keys = self._screen(keys)
         if len(keys) <= INLINE_MAX_KEYS:
-            return self._query(keys, screen=False) if keys else []
+            return self._query(keys) if keys else []
         count = max(1, min(self.parallel, len(keys) // PART_MIN_KEYS))
         # Sorted, so that each part probes its own stretch of the index.
         ordered = sorted(keys)
