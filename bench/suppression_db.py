@@ -17,13 +17,16 @@ from prospect_mailer.store import Store, sqlite_url
 from .common import CACHE
 
 
-def schema(path: Path) -> None:
+def schema(path: Path, key_filter: bool = False) -> None:
     """Create the store's schema in ``path``, or bring it to the current version (in a thread
-    of its own: callers may be inside an event loop)."""
+    of its own: callers may be inside an event loop); ``key_filter``: also load the store's
+    saved suppression key filter, or build and save one (once per database, as a user's
+    store has it after its first large send)."""
 
     async def open_once() -> None:
-        async with Store.connect(sqlite_url(path)):
-            pass
+        async with Store.connect(sqlite_url(path)) as store:
+            if key_filter and not await store.suppression.prepare():
+                raise SystemExit(f"{path}: the suppression key filter could not be built")
 
     with ThreadPoolExecutor(1) as pool:
         pool.submit(asyncio.run, open_once()).result()
@@ -34,7 +37,8 @@ def cached_store(entries: int) -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     path = CACHE / f"suppression-{entries}.db"
     if path.exists():
-        schema(path)  # a cache built by an older schema is migrated once
+        # A cache built by an older schema is migrated once, and its key filter saved once.
+        schema(path, key_filter=True)
         return path
 
     def fill(con: sqlite3.Connection) -> None:
@@ -59,7 +63,9 @@ def cached_store(entries: int) -> Path:
                 rows,
             )
 
-    return build_cached(path, f"{entries} entries", fill)
+    build_cached(path, f"{entries} entries", fill)
+    schema(path, key_filter=True)
+    return path
 
 
 def build_cached(path: Path, what: str, fill: Callable[[sqlite3.Connection], None]) -> Path:

@@ -19,7 +19,7 @@ import pytest
 from store_fixtures import behind_the_stores_back
 
 from prospect_mailer.errors import StoreError
-from prospect_mailer.store import Store
+from prospect_mailer.store import Store, fastread
 from prospect_mailer.store.fastread import CATCH_UP_MAX
 from prospect_mailer.store.keyfilter import BITS_PER_ENTRY, KeyFilter, build_filter
 
@@ -332,3 +332,96 @@ async def test_a_first_large_lookup_starts_the_build_and_close_stops_it(tmp_path
     finally:
         await store.close()
     assert not [t for t in threading.enumerate() if "key-filter" in t.name]
+
+
+def _saved(path: Path) -> tuple[str, int, int, int] | None:
+    """The saved filter's ``(scheme, high, misordered, len(bits))``."""
+    con = sqlite3.connect(path)
+    try:
+        row = con.execute(
+            "SELECT scheme, high, misordered, length(bits) FROM suppression_filter"
+        ).fetchone()
+        return None if row is None else (str(row[0]), int(row[1]), int(row[2]), int(row[3]))
+    finally:
+        con.close()
+
+
+async def test_the_next_process_loads_the_saved_filter_and_reads_only_whats_new(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "pm.db"
+    store, keys = await _filled(path)
+    reader = store.suppression.reader
+    assert reader is not None
+    assert reader.key_filter is not None
+    assert reader.key_filter.origin == "built"
+    await store.close()
+    saved = _saved(path)
+    assert saved is not None
+    assert saved[1:3] == (3000, 0)
+    new = _hashes(5, "after the save")
+    for key in new:
+        _insert(path, key)
+    # Another process: the filter is loaded, brought up to the state, and finds all.
+    async with Store.connect(path) as other:
+        assert await other.suppression.prepare()
+        loaded = other.suppression.reader.key_filter  # type: ignore[union-attr]
+        assert loaded is not None
+        assert loaded.origin == "loaded"
+        assert loaded.high == 3005
+        batch = [*_hashes(500, "absent"), *new, keys[0]]
+        assert set(await other.suppression.lookup(batch)) == {*new, keys[0]}
+    assert _saved(path) == saved  # 5 behind: not worth saving again
+
+
+@pytest.mark.parametrize("damage", ["misordered", "scheme", "bits cut", "bits not a blob"])
+async def test_a_saved_filter_that_cannot_be_used_is_built_again(
+    tmp_path: Path, damage: str
+) -> None:
+    path = tmp_path / "pm.db"
+    store, keys = await _filled(path)
+    await store.close()
+    if damage == "misordered":
+        behind_the_stores_back(path, "DELETE FROM suppression WHERE id = 3000")
+        moved = _hashes(1, "moved")[0]
+        _insert(path, moved)  # the reused id: misordered moves on
+        keys[-1] = moved  # the last key added had id 3000
+    else:
+        change = {
+            "scheme": "scheme = 'bloom9-v0'",
+            "bits cut": "bits = substr(bits, 1, 100)",
+            "bits not a blob": "bits = 'text'",
+        }[damage]
+        behind_the_stores_back(path, f"UPDATE suppression_filter SET {change}")
+    async with Store.connect(path) as other:
+        assert await other.suppression.prepare()
+        rebuilt = other.suppression.reader.key_filter  # type: ignore[union-attr]
+        assert rebuilt is not None
+        assert rebuilt.origin == "built"
+        assert set(await other.suppression.lookup([*keys, *_hashes(100, "x")])) == set(keys)
+    saved = _saved(path)
+    assert saved is not None
+    assert saved[0] == "bloom3-prefix64-v1"
+    assert saved[2] == (1 if damage == "misordered" else 0)
+
+
+async def test_a_filter_that_cannot_be_saved_is_still_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "pm.db"
+    monkeypatch.setattr(fastread, "SAVE_WAIT", 0.05)
+    async with Store.connect(path) as store:
+        keys = _hashes(300)
+        await store.suppression.add_hashes(
+            keys, kind="address", scope="global", scope_value="", reason="import", source="feed"
+        )
+        holder = sqlite3.connect(path)
+        holder.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+        try:
+            assert await store.suppression.prepare()
+        finally:
+            holder.rollback()
+            holder.close()
+        assert "saving the suppression key filter failed" in caplog.text
+        assert set(await store.suppression.lookup([*keys, *_hashes(100, "x")])) == set(keys)
+    assert _saved(path) is None

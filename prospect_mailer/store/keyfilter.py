@@ -15,6 +15,13 @@ digests, already uniform). A key that is not hex is always a candidate.
 Freshness is the reader's job (:mod:`~prospect_mailer.store.fastread`): the filter records the
 ``suppression_state`` it was built at (see :data:`STATE_DDL`) and is brought up to date, or
 dropped, before each use.
+
+A built filter is saved in the database (``suppression_filter``, one row: the bits and the
+state they hold), so the next process loads it (about 0.1 s for 10,000,000 entries) and reads
+only the entries added since, instead of building it again (about 15 s). Being in the same
+file as the list, it is backed up and restored with it, so a restored list never meets a
+filter of another list. The bits come from hashes of the keys, which are hashes already: no
+address can be read back from them.
 """
 
 from __future__ import annotations
@@ -29,12 +36,15 @@ from .tables import SUPPRESSION_KEY_PREFIX, SUPPRESSION_PREFIX_SQL
 
 __all__ = [
     "BITS_PER_ENTRY",
+    "SCHEME",
     "STATE_DDL",
     "STATE_SQL",
     "STATE_TRIGGERS",
     "KeyFilter",
     "build_filter",
+    "load_filter",
     "new_prefixes",
+    "save_filter",
 ]
 
 #: Bits of filter per entry it is built for: with three positions a key, 0.3% of absent keys
@@ -65,7 +75,15 @@ STATE_DDL = (
     "CREATE TRIGGER IF NOT EXISTS suppression_state_update AFTER UPDATE OF id, key_hash "
     "ON suppression BEGIN UPDATE suppression_state SET misordered = misordered + 1 "
     "WHERE id = 1; END",
+    # The last filter a reader built, with the state it holds every entry of (see the
+    # module doc); a reader loads it instead of building one when it is still usable.
+    "CREATE TABLE IF NOT EXISTS suppression_filter (id INTEGER PRIMARY KEY CHECK (id = 1), "
+    "scheme TEXT NOT NULL, high INTEGER NOT NULL, misordered INTEGER NOT NULL, "
+    "bits_count INTEGER NOT NULL, sized_for INTEGER NOT NULL, added INTEGER NOT NULL, "
+    "bits BLOB NOT NULL, saved_at TEXT NOT NULL)",
 )
+#: How a saved filter's bits were laid out: one saved by another layout is not loaded.
+SCHEME = "bloom3-prefix64-v1"
 #: The triggers :data:`STATE_DDL` creates (the store checks they are all there at open).
 STATE_TRIGGERS = ("suppression_state_insert", "suppression_state_update")
 #: ``(high, misordered)``.
@@ -99,6 +117,8 @@ class KeyFilter:
         #: The ``suppression_state`` the filter holds every entry of.
         self.high = high
         self.misordered = misordered
+        #: ``built`` here, or ``loaded`` from the database.
+        self.origin = "built"
 
     @property
     def nbytes(self) -> int:
@@ -196,6 +216,65 @@ def build_filter(
         else:
             built.add(row[0] for row in con.execute(_STRETCH_ROWS, (last, stretch)))
         last = top
+
+
+_LOAD = (
+    "SELECT scheme, high, misordered, bits_count, sized_for, added, bits "
+    "FROM suppression_filter WHERE id = 1"
+)
+_SAVE = (
+    "INSERT OR REPLACE INTO suppression_filter (id, scheme, high, misordered, bits_count, "
+    "sized_for, added, bits, saved_at) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def load_filter(con: sqlite3.Connection) -> KeyFilter | None:
+    """The filter saved in the database, if there is one of this :data:`SCHEME` whose bits
+    are whole; its state is the one saved with it (the caller checks it is still usable).
+
+    Raises:
+        sqlite3.Error: the database failed.
+    """
+    row = con.execute(_LOAD).fetchone()
+    if row is None:
+        return None
+    scheme, high, misordered, bits_count, sized_for, added, bits = row
+    if (
+        scheme != SCHEME
+        or not isinstance(bits, bytes)
+        or not all(isinstance(n, int) for n in (high, misordered, bits_count, sized_for, added))
+        or bits_count < MIN_BITS
+        or len(bits) != (bits_count + 7) // 8
+    ):
+        return None
+    loaded = KeyFilter(0, high, misordered)
+    loaded.bits_count, loaded.sized_for, loaded.added = bits_count, sized_for, added
+    loaded._bits = bytearray(bits)
+    loaded.origin = "loaded"
+    return loaded
+
+
+def save_filter(con: sqlite3.Connection, saved: KeyFilter, at: str) -> None:
+    """Save ``saved`` (replacing the one saved before) in one transaction on ``con``, a
+    writable connection; ``at``: when, as text.
+
+    Raises:
+        sqlite3.Error: the database failed (locked too long, read-only...).
+    """
+    with con:
+        con.execute(
+            _SAVE,
+            (
+                SCHEME,
+                saved.high,
+                saved.misordered,
+                saved.bits_count,
+                saved.sized_for,
+                saved.added,
+                bytes(saved._bits),
+                at,
+            ),
+        )
 
 
 def new_prefixes(con: sqlite3.Connection, after: int, upto: int) -> list[str]:
