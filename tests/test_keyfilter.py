@@ -49,13 +49,18 @@ def _state(path: Path) -> tuple[int, int]:
         con.close()
 
 
+async def _add(store: Store, keys: list[str]) -> None:
+    """List ``keys`` (global address entries from a feed)."""
+    await store.suppression.add_hashes(
+        keys, kind="address", scope="global", scope_value="", reason="import", source="feed"
+    )
+
+
 async def _filled(path: Path, n: int = 3000) -> tuple[Store, list[str]]:
     """A store with ``n`` entries and its key filter built."""
     store = await Store.open(path)
     keys = _hashes(n, "listed")
-    await store.suppression.add_hashes(
-        keys, kind="address", scope="global", scope_value="", reason="import", source="feed"
-    )
+    await _add(store, keys)
     assert await store.suppression.prepare()
     return store, keys
 
@@ -88,10 +93,7 @@ async def test_a_build_in_stretches_holds_every_stored_key(tmp_path: Path) -> No
     path = tmp_path / "pm.db"
     async with Store.connect(path, key_filter=False) as store:
         shared = ["0123456789abcdef" + c * 48 for c in "abcdef0123"]  # one prefix, 10 keys
-        await store.suppression.add_hashes(
-            [*_hashes(100), *shared], kind="address", scope="global", scope_value="",
-            reason="import", source="feed",
-        )  # fmt: skip
+        await _add(store, [*_hashes(100), *shared])
     for odd in ("short", "NOT HEX AT ALL, but long enough", "ab cd ef 01 23 45 67 89"):
         _insert(path, odd)
     con = sqlite3.connect(path)
@@ -257,10 +259,7 @@ async def test_a_dropped_trigger_is_recreated_and_the_filters_rebuilt(
 ) -> None:
     path = tmp_path / "pm.db"
     async with Store.connect(path) as store:
-        await store.suppression.add_hashes(
-            _hashes(10), kind="address", scope="global", scope_value="", reason="import",
-            source="feed",
-        )  # fmt: skip
+        await _add(store, _hashes(10))
     behind_the_stores_back(path, "DROP TRIGGER suppression_state_insert")
     uncounted = _hashes(1, "uncounted")[0]
     _insert(path, uncounted)  # no trigger: the state does not know of it
@@ -277,10 +276,7 @@ async def test_a_dropped_trigger_is_recreated_and_the_filters_rebuilt(
 async def test_a_version_3_store_gets_its_state_from_the_highest_id(tmp_path: Path) -> None:
     path = tmp_path / "pm.db"
     async with Store.connect(path) as store:
-        await store.suppression.add_hashes(
-            _hashes(40), kind="address", scope="global", scope_value="", reason="import",
-            source="feed",
-        )  # fmt: skip
+        await _add(store, _hashes(40))
     for statement in (
         "DROP TRIGGER suppression_state_insert",
         "DROP TRIGGER suppression_state_update",
@@ -300,9 +296,7 @@ async def test_key_filter_off_builds_nothing(tmp_path: Path) -> None:
     path = tmp_path / "pm.db"
     async with Store.connect(path, key_filter=False) as store:
         keys = _hashes(100)
-        await store.suppression.add_hashes(
-            keys, kind="address", scope="global", scope_value="", reason="import", source="feed"
-        )
+        await _add(store, keys)
         assert set(await store.suppression.lookup([*keys, *_hashes(100, "x")])) == set(keys)
         assert not await store.suppression.prepare()
         assert store.suppression.reader is not None
@@ -314,9 +308,7 @@ async def test_a_first_large_lookup_starts_the_build_and_close_stops_it(tmp_path
     store = await Store.open(path)
     try:
         keys = _hashes(200)
-        await store.suppression.add_hashes(
-            keys, kind="address", scope="global", scope_value="", reason="import", source="feed"
-        )
+        await _add(store, keys)
         reader = store.suppression.reader
         assert reader is not None
         assert reader.key_filter is None
@@ -412,9 +404,7 @@ async def test_a_filter_that_cannot_be_saved_is_still_used(
     monkeypatch.setattr(fastread, "SAVE_WAIT", 0.05)
     async with Store.connect(path) as store:
         keys = _hashes(300)
-        await store.suppression.add_hashes(
-            keys, kind="address", scope="global", scope_value="", reason="import", source="feed"
-        )
+        await _add(store, keys)
         holder = sqlite3.connect(path)
         holder.execute("BEGIN IMMEDIATE")  # another process holding the write lock
         try:
