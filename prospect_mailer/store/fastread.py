@@ -268,12 +268,13 @@ class SQLiteReader:
         """
         con = _connect(self._path)
         try:
-            high, misordered = con.execute(STATE_SQL).fetchone()
             try:
                 saved = load_filter(con)
             except sqlite3.Error as exc:  # no such table yet, an odd row: build instead
                 log.warning("the saved suppression key filter cannot be read: %s", exc)
                 saved = None
+            # Read after it: the state of a saved filter is never above this one.
+            high, misordered = con.execute(STATE_SQL).fetchone()
             if saved is not None and saved.misordered == misordered and saved.high <= high:
                 # Entries with an id above its high came after it, and only those (see
                 # keyfilter.STATE_DDL); they are read and added, as a lookup would.

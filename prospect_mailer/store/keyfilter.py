@@ -219,9 +219,10 @@ def build_filter(
 
 
 _LOAD = (
-    "SELECT scheme, high, misordered, bits_count, sized_for, added, bits "
+    "SELECT scheme, high, misordered, bits_count, sized_for, added, typeof(bits), length(bits) "
     "FROM suppression_filter WHERE id = 1"
 )
+_READ = 1 << 20  # bytes of a saved filter read at a time (no second copy of it in memory)
 _SAVE = (
     "INSERT OR REPLACE INTO suppression_filter (id, scheme, high, misordered, bits_count, "
     "sized_for, added, bits, saved_at) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -235,21 +236,35 @@ def load_filter(con: sqlite3.Connection) -> KeyFilter | None:
     Raises:
         sqlite3.Error: the database failed.
     """
-    row = con.execute(_LOAD).fetchone()
-    if row is None:
-        return None
-    scheme, high, misordered, bits_count, sized_for, added, bits = row
-    if (
-        scheme != SCHEME
-        or not isinstance(bits, bytes)
-        or not all(isinstance(n, int) for n in (high, misordered, bits_count, sized_for, added))
-        or bits_count < MIN_BITS
-        or len(bits) != (bits_count + 7) // 8
-    ):
-        return None
+    # One transaction: the bits read are those of the row described (another process may
+    # save a new filter meanwhile).
+    con.execute("BEGIN")
+    try:
+        row = con.execute(_LOAD).fetchone()
+        if row is None:
+            return None
+        scheme, high, misordered, bits_count, sized_for, added, kind, size = row
+        if (
+            scheme != SCHEME
+            or kind != "blob"
+            or not all(isinstance(n, int) for n in (high, misordered, bits_count, sized_for, added))
+            or bits_count < MIN_BITS
+            or size != (bits_count + 7) // 8
+        ):
+            return None
+        bits = bytearray(size)
+        view = memoryview(bits)
+        with con.blobopen("suppression_filter", "bits", 1, readonly=True) as blob:
+            if len(blob) != size:
+                return None
+            for at in range(0, size, _READ):
+                part = blob.read(_READ)
+                view[at : at + len(part)] = part
+    finally:
+        con.execute("COMMIT")
     loaded = KeyFilter(0, high, misordered)
     loaded.bits_count, loaded.sized_for, loaded.added = bits_count, sized_for, added
-    loaded._bits = bytearray(bits)
+    loaded._bits = bits
     loaded.origin = "loaded"
     return loaded
 
@@ -271,7 +286,7 @@ def save_filter(con: sqlite3.Connection, saved: KeyFilter, at: str) -> None:
                 saved.bits_count,
                 saved.sized_for,
                 saved.added,
-                bytes(saved._bits),
+                saved._bits,  # bound as a blob, not copied first
                 at,
             ),
         )
