@@ -92,6 +92,7 @@ class RelaySession(AiosmtpdSMTP):
         self.refused = False
         self.busy = False  # inside handle_DATA: delivering upstream
         self._deadline = 0.0  # of the inactivity timer (loop time)
+        self._held: list[bytes] = []  # the lines so far of a multi-line reply (see push)
 
     def __dir__(self) -> list[str]:
         """Only the command, AUTH and hook methods (see :func:`aiosmtpd_names`)."""
@@ -99,6 +100,22 @@ class RelaySession(AiosmtpdSMTP):
 
     def _create_envelope(self) -> RelayEnvelope:
         return RelayEnvelope()
+
+    async def push(self, status: str | bytes) -> None:
+        """aiosmtpd's ``push``, except that the lines of a multi-line reply (``250-...``) are
+        held until its last one (``250 ...``) and written with it: EHLO's lines leave in one
+        write, one segment, where aiosmtpd writes and drains each of them (six system calls
+        and as many segments the client reads, on every new session)."""
+        if isinstance(status, str):
+            status = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
+        if status[3:4] == b"-":
+            self._held.append(status)
+            return
+        if self._held:
+            status = b"\r\n".join([*self._held, status])
+            self._held.clear()
+        self._writer.write(status + b"\r\n")
+        await self._writer.drain()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's address parsing, with a fast path for a plain ``<local@domain>``.

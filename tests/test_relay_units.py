@@ -406,3 +406,40 @@ async def test_short_dir_gives_aiosmtpd_the_same_tables(make_relay_env: MakeRela
     assert auth == {name: impl.is_builtin for name, impl in full._auth_methods.items()}
     assert {"PLAIN", "LOGIN"} <= set(auth)
     assert [name for name, builtin in auth.items() if not builtin] == ["LOGIN", "PLAIN"]
+
+
+async def test_a_multi_line_reply_leaves_in_one_write(make_relay_env: MakeRelayEnv) -> None:
+    """EHLO's lines are held until the last one and written with it (aiosmtpd writes and
+    drains each line: six system calls and segments per new session); a one-line reply is
+    written at once, and the session goes on as before."""
+    env = await make_relay_env()
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+    try:
+        assert (await reader.readline()).startswith(b"220 ")
+        (session,) = env.relay._sessions
+        real_write = session._writer.write
+        writes: list[bytes] = []
+
+        def counting(data: bytes) -> None:
+            writes.append(bytes(data))
+            real_write(data)
+
+        session._writer.write = counting  # type: ignore[method-assign]
+        writer.write(b"EHLO client.test\r\n")
+        lines = [await asyncio.wait_for(reader.readline(), 10)]
+        while lines[-1][3:4] == b"-":
+            lines.append(await asyncio.wait_for(reader.readline(), 10))
+        assert len(lines) >= 4
+        assert all(line[:4] == b"250-" for line in lines[:-1])
+        assert lines[-1] == b"250 HELP\r\n"
+        assert writes == [b"".join(lines)]
+        writer.write(b"NOOP\r\n")
+        assert await asyncio.wait_for(reader.readline(), 10) == b"250 OK\r\n"
+        assert writes[1:] == [b"250 OK\r\n"]
+        assert session._held == []
+    finally:
+        writer.write(b"QUIT\r\n")
+        await writer.drain()
+        writer.close()
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            await writer.wait_closed()
