@@ -261,6 +261,18 @@ async def test_concurrent_adds_from_two_stores_converge(open_store: OpenStore) -
     assert await first.suppression.count() == 1
 
 
+async def test_large_lookups_are_screened_by_a_key_filter_on_sqlite_only(store: Store) -> None:
+    """A SQLite file builds the key filter (tests/test_keyfilter.py); PostgreSQL has none,
+    and its large lookups answer the same."""
+    keys = _hashes(200)
+    await store.suppression.add_hashes(
+        keys[::10], kind="address", scope="global", scope_value="", reason="import",
+        source="feed",
+    )  # fmt: skip
+    assert await store.suppression.prepare() is (store.dialect == "sqlite")
+    assert set(await store.suppression.lookup(keys)) == set(keys[::10])
+
+
 async def test_sqlite_parallel_batches_read_what_a_plain_query_reads(tmp_path: Path) -> None:
     """The direct reader's parallel JSON parts, and its row-by-row fallback (SQLite builds
     without JSON functions), return exactly the rows of one plain query, every column."""
