@@ -254,6 +254,31 @@ async def test_an_unreadable_state_drops_the_filter_and_sqlite_answers(
         await store.close()
 
 
+async def test_a_trigger_dropped_while_running_stops_the_filter(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The state is read with its triggers: once one is gone, inserts go uncounted, so the
+    filter in use is dropped and no new one is built until the store is opened again."""
+    path = tmp_path / "pm.db"
+    store, keys = await _filled(path)
+    try:
+        reader = store.suppression.reader
+        assert reader is not None
+        assert reader.key_filter is not None
+        behind_the_stores_back(path, "DROP TRIGGER suppression_state_insert")
+        uncounted = _hashes(1, "uncounted")[0]
+        _insert(path, uncounted)
+        assert _state(path) == (3000, 0)  # the state does not know of it
+        batch = [*_hashes(200, "absent"), uncounted, keys[1]]
+        assert set(await store.suppression.lookup(batch)) == {uncounted, keys[1]}
+        assert reader.key_filter is None
+        assert "trigger keeping suppression_state is missing" in caplog.text
+        assert not await store.suppression.prepare()
+        assert set(await store.suppression.lookup(batch)) == {uncounted, keys[1]}
+    finally:
+        await store.close()
+
+
 async def test_a_dropped_trigger_is_recreated_and_the_filters_rebuilt(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

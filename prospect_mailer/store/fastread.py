@@ -53,11 +53,11 @@ from typing import Any
 
 from ..errors import StoreError
 from .keyfilter import (
-    STATE_SQL,
     KeyFilter,
     build_filter,
     load_filter,
     new_prefixes,
+    read_state,
     save_filter,
 )
 from .tables import SUPPRESSION_PREFIX_SQL, suppression_prefixes
@@ -201,7 +201,7 @@ class SQLiteReader:
         if screen is None:
             return keys
         try:
-            high, misordered = self._con.execute(STATE_SQL).fetchone()
+            high, misordered = read_state(self._con)
             if misordered != screen.misordered or high - screen.high > CATCH_UP_MAX:
                 # Entries the filter cannot be told about by id: build it again.
                 self._filter = None
@@ -274,7 +274,7 @@ class SQLiteReader:
                 log.warning("the saved suppression key filter cannot be read: %s", exc)
                 saved = None
             # Read after it: the state of a saved filter is never above this one.
-            high, misordered = con.execute(STATE_SQL).fetchone()
+            high, misordered = read_state(con)
             if saved is not None and saved.misordered == misordered and saved.high <= high:
                 # Entries with an id above its high came after it, and only those (see
                 # keyfilter.STATE_DDL); they are read and added, as a lookup would.

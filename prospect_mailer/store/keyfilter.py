@@ -44,6 +44,7 @@ __all__ = [
     "build_filter",
     "load_filter",
     "new_prefixes",
+    "read_state",
     "save_filter",
 ]
 
@@ -86,8 +87,31 @@ STATE_DDL = (
 SCHEME = "bloom3-prefix64-v1"
 #: The triggers :data:`STATE_DDL` creates (the store checks they are all there at open).
 STATE_TRIGGERS = ("suppression_state_insert", "suppression_state_update")
-#: ``(high, misordered)``.
-STATE_SQL = "SELECT high, misordered FROM suppression_state WHERE id = 1"
+#: ``(high, misordered, triggers)``: the state, and how many of :data:`STATE_TRIGGERS` exist
+#: (read with it: a trigger dropped by hand, even while a process runs, stops the filters).
+STATE_SQL = (
+    "SELECT high, misordered, (SELECT count(*) FROM sqlite_master "  # noqa: S608 - constants
+    f"WHERE type = 'trigger' AND name IN {STATE_TRIGGERS!r}) FROM suppression_state WHERE id = 1"
+)
+
+
+def read_state(con: sqlite3.Connection) -> tuple[int, int]:
+    """``(high, misordered)`` of ``suppression_state``.
+
+    Raises:
+        ValueError: no state row, or a trigger keeping it is missing (inserts may go
+            uncounted: no filter may be used).
+        sqlite3.Error: the database failed (no such table...).
+    """
+    row = con.execute(STATE_SQL).fetchone()
+    if row is None:
+        raise ValueError("suppression_state has no row")
+    high, misordered, triggers = row
+    if triggers != len(STATE_TRIGGERS):
+        raise ValueError("a trigger keeping suppression_state is missing")
+    return int(high), int(misordered)
+
+
 # Building reads the prefix index, the smallest thing holding every key's prefix (about 1 s
 # to scan 10M entries, against 3 s for the unique constraint's index or the table, the
 # planner's own choice), one stretch after a given prefix at a time. A stretch may end inside
@@ -193,8 +217,9 @@ def build_filter(
 
     Raises:
         sqlite3.Error: the database failed.
+        ValueError: the state cannot be trusted (see :func:`read_state`).
     """
-    high, misordered = con.execute(STATE_SQL).fetchone()
+    high, misordered = read_state(con)
     built = KeyFilter(high, high, misordered)  # ids are never fewer than the entries
     last = ""
     while True:
