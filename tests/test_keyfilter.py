@@ -21,7 +21,7 @@ from store_fixtures import behind_the_stores_back
 from prospect_mailer.errors import StoreError
 from prospect_mailer.store import Store, fastread
 from prospect_mailer.store.fastread import CATCH_UP_MAX
-from prospect_mailer.store.keyfilter import BITS_PER_ENTRY, KeyFilter, build_filter
+from prospect_mailer.store.keyfilter import BITS_PER_ENTRY, SCHEME, KeyFilter, build_filter
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -38,6 +38,14 @@ def _insert(path: Path, key: str, row_id: int | None = None) -> None:
         f"created_at) VALUES ({'NULL' if row_id is None else row_id}, 'address', '{key}', "
         "'global', '', 'manual', 'other-process', '2026-12-01T00:00:00+00:00')",
     )
+
+
+def _epoch(path: Path) -> str:
+    con = sqlite3.connect(path)
+    try:
+        return str(con.execute("SELECT epoch FROM suppression_state").fetchone()[0])
+    finally:
+        con.close()
 
 
 def _state(path: Path) -> tuple[int, int]:
@@ -132,7 +140,11 @@ async def test_screened_lookups_find_the_listed_keys_and_skip_sqlite_for_the_oth
         # The state is read before each use of the filter, by the batch only (a few keys
         # go to SQLite directly), and the batch's absent keys never reach the index: only
         # its candidates (20 listed keys and a few false positives) are looked up.
-        lookups = [s for s in statements if "FROM suppression " in s and "IN (" in s]
+        lookups = [
+            s
+            for s in statements
+            if "FROM suppression " in s and "IN (" in s and "suppression_state" not in s
+        ]
         assert sum("suppression_state" in s for s in statements) == 1
         assert len(lookups) == 3
         assert 20 <= lookups[0].count("'") // 2 < 40
@@ -236,7 +248,7 @@ async def test_an_unreadable_state_drops_the_filter_and_sqlite_answers(
     try:
         reader = store.suppression.reader
         assert reader is not None
-        behind_the_stores_back(path, "DROP TRIGGER suppression_state_insert")
+        behind_the_stores_back(path, "DROP TRIGGER suppression_state_insert_v2")
         behind_the_stores_back(path, "DROP TABLE suppression_state")
         new = _hashes(1, "new")[0]
         _insert(path, new)  # uncounted: nothing counts any more
@@ -265,7 +277,7 @@ async def test_a_trigger_dropped_while_running_stops_the_filter(
         reader = store.suppression.reader
         assert reader is not None
         assert reader.key_filter is not None
-        behind_the_stores_back(path, "DROP TRIGGER suppression_state_insert")
+        behind_the_stores_back(path, "DROP TRIGGER suppression_state_insert_v2")
         uncounted = _hashes(1, "uncounted")[0]
         _insert(path, uncounted)
         assert _state(path) == (3000, 0)  # the state does not know of it
@@ -283,19 +295,26 @@ async def test_a_dropped_trigger_is_recreated_and_the_filters_rebuilt(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "pm.db"
-    async with Store.connect(path) as store:
-        await _add(store, _hashes(10))
-    behind_the_stores_back(path, "DROP TRIGGER suppression_state_insert")
+    store, keys = await _filled(path, 10)  # a filter saved at the state before
+    await store.close()
+    epoch = _epoch(path)
+    behind_the_stores_back(path, "DROP TRIGGER suppression_state_insert_v2")
     uncounted = _hashes(1, "uncounted")[0]
     _insert(path, uncounted)  # no trigger: the state does not know of it
     assert _state(path) == (10, 0)
     async with Store.connect(path) as store:
-        assert _state(path) == (11, 1)  # a filter built before this open is dropped
+        assert _state(path) == (11, 0)
+        assert _epoch(path) != epoch  # the saved filter is not loaded: built again
         assert "suppression_state triggers were missing" in caplog.text
         assert await store.suppression.prepare()
-        assert list(await store.suppression.lookup([uncounted])) == [uncounted]
+        reader = store.suppression.reader
+        assert reader is not None
+        assert reader.key_filter is not None
+        assert reader.key_filter.origin == "built"
+        batch = [*_hashes(100, "absent"), uncounted, keys[3]]
+        assert set(await store.suppression.lookup(batch)) == {uncounted, keys[3]}
         _insert(path, _hashes(1, "counted")[0])
-    assert _state(path) == (12, 1)
+    assert _state(path) == (12, 0)
 
 
 async def test_a_version_3_store_gets_its_state_from_the_highest_id(tmp_path: Path) -> None:
@@ -303,8 +322,9 @@ async def test_a_version_3_store_gets_its_state_from_the_highest_id(tmp_path: Pa
     async with Store.connect(path) as store:
         await _add(store, _hashes(40))
     for statement in (
-        "DROP TRIGGER suppression_state_insert",
-        "DROP TRIGGER suppression_state_update",
+        "DROP TRIGGER suppression_state_insert_v2",
+        "DROP TRIGGER suppression_state_update_v2",
+        "DROP TRIGGER suppression_state_delete_v2",
         "DROP TABLE suppression_state",
         "UPDATE schema_version SET version = 3",
     ):
@@ -418,7 +438,7 @@ async def test_a_saved_filter_that_cannot_be_used_is_built_again(
         assert set(await other.suppression.lookup([*keys, *_hashes(100, "x")])) == set(keys)
     saved = _saved(path)
     assert saved is not None
-    assert saved[0] == "bloom3-prefix64-v1"
+    assert saved[0] == SCHEME
     assert saved[2] == (1 if damage == "misordered" else 0)
 
 
@@ -440,3 +460,125 @@ async def test_a_filter_that_cannot_be_saved_is_still_used(
         assert "saving the suppression key filter failed" in caplog.text
         assert set(await store.suppression.lookup([*keys, *_hashes(100, "x")])) == set(keys)
     assert _saved(path) is None
+
+
+async def test_entries_added_while_a_stretch_is_read_again_push_no_old_one_out(
+    tmp_path: Path,
+) -> None:
+    """A stretch holding an odd key is read a second time, row by row; entries another
+    process lists between the two readings must not push old ones out of it (the next
+    stretch starts after the last row read)."""
+    path = tmp_path / "pm.db"
+    async with Store.connect(path, key_filter=False) as store:
+        await _add(store, _hashes(100, "old"))
+    _insert(path, "00 odd key")  # sorts first: the first stretch is read row by row
+    writer = sqlite3.connect(path)
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        stored = [row[0] for row in writer.execute("SELECT key_hash FROM suppression")]
+        low = sorted(_hashes(2000, "new"))[:20]  # prefixes inside the first stretch
+
+        class Meanwhile:
+            """``con`` as build_filter sees it; another process lists ``low`` between the
+            stretch's two readings (a real insert, committed)."""
+
+            def __init__(self) -> None:
+                self.done = False
+
+            def execute(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Cursor:
+                if "group_concat" not in sql and "LIMIT ?" in sql and not self.done:
+                    self.done = True
+                    writer.executemany(
+                        "INSERT INTO suppression (kind, key_hash, scope, scope_value, reason, "
+                        "source, created_at) VALUES ('address', ?, 'global', '', 'import', "
+                        "'feed', '2026-12-01T00:00:00+00:00')",
+                        [(k,) for k in low],
+                    )
+                    writer.commit()
+                return con.execute(sql, params)
+
+        meanwhile = Meanwhile()
+        built = build_filter(meanwhile, stretch=50)  # type: ignore[arg-type]
+        assert meanwhile.done
+        assert built is not None
+        assert built.candidates(stored) == stored  # every entry there before the build
+        assert built.high == 101  # the 20 new ones come by id at the first use
+    finally:
+        con.close()
+        writer.close()
+
+
+@pytest.mark.parametrize("then", ["nothing", "new objections"])
+async def test_a_backup_restored_under_a_running_process_rebuilds_its_filter(
+    tmp_path: Path, then: str
+) -> None:
+    """The file goes back in time (SQLite's backup API, the sqlite3 shell's .restore): an
+    entry removed before the filter was built is back, and objections listed after the
+    restore take ids the filter had seen: both found at the next lookup."""
+    path, backup = tmp_path / "pm.db", tmp_path / "backup.db"
+    store, keys = await _filled(path, 100)
+    try:
+        source = sqlite3.connect(path)
+        target = sqlite3.connect(backup)
+        source.backup(target)  # the nightly backup
+        source.close()
+        target.close()
+        await _add(store, _hashes(50, "later"))
+        assert await store.suppression.remove(keys[5], kind="address") == 1
+        reader = store.suppression.reader
+        assert reader is not None
+        assert await store.suppression.prepare()  # the old filter is caught up and used
+        absent = _hashes(100, "absent")
+        assert keys[5] not in await store.suppression.lookup([*absent, keys[5]])
+        assert reader.key_filter is not None
+        assert reader.key_filter.high == 150
+        source = sqlite3.connect(backup)
+        target = sqlite3.connect(path)
+        source.backup(target)  # restored into the live file
+        source.close()
+        target.close()
+        fresh = _hashes(10, "objection") if then == "new objections" else []
+        for key in fresh:
+            _insert(path, key)  # ids 101-110: ones the filter had seen
+        found = await store.suppression.lookup([*absent, *fresh, keys[5]])
+        assert set(found) == {*fresh, keys[5]}
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("how", ["row deleted", "table dropped"])
+async def test_a_state_created_again_never_meets_an_older_filter(tmp_path: Path, how: str) -> None:
+    """Changes made while the state was missing went uncounted: the state created again at
+    the next open has an epoch of its own, so the saved filter is not loaded."""
+    path = tmp_path / "pm.db"
+    store, _ = await _filled(path, 100)
+    await store.close()
+    if how == "row deleted":
+        behind_the_stores_back(path, "DELETE FROM suppression_state")
+    else:
+        for trigger in ("insert", "update", "delete"):
+            behind_the_stores_back(path, f"DROP TRIGGER suppression_state_{trigger}_v2")
+        behind_the_stores_back(path, "DROP TABLE suppression_state")
+    changed = _hashes(1, "changed")[0]
+    behind_the_stores_back(path, f"UPDATE suppression SET key_hash = '{changed}' WHERE id = 7")
+    async with Store.connect(path) as store:
+        assert await store.suppression.prepare()
+        reader = store.suppression.reader
+        assert reader is not None
+        assert reader.key_filter is not None
+        assert reader.key_filter.origin == "built"
+        assert list(await store.suppression.lookup([changed, *_hashes(100, "x")])) == [changed]
+
+
+@pytest.mark.parametrize("alias", ["rowid", "oid", "_rowid_"])
+async def test_an_id_changed_through_a_rowid_alias_is_counted(tmp_path: Path, alias: str) -> None:
+    path = tmp_path / "pm.db"
+    store, _ = await _filled(path, 100)
+    try:
+        moved = _hashes(1, "moved")[0]
+        _insert(path, moved)  # id 101, counted
+        behind_the_stores_back(path, f"UPDATE suppression SET {alias} = 0 WHERE id = 101")
+        assert _state(path) == (101, 1)
+        assert list(await store.suppression.lookup([moved, *_hashes(100, "x")])) == [moved]
+    finally:
+        await store.close()

@@ -37,7 +37,7 @@ from .claims import (
 from .engine import Database, create_engine, parse_url
 from .fastread import SQLiteReader
 from .fastwrite import SQLiteWriter
-from .keyfilter import STATE_DDL, STATE_TRIGGERS
+from .keyfilter import FILTER_COLUMNS, STATE_COLUMNS, STATE_DDL, STATE_TRIGGERS
 from .prospects import ProspectRegistry
 from .suppression import SuppressionList
 from .tables import AUDIT_HEAD, SCHEMA_VERSION, STORE_TABLES, SUPPRESSION
@@ -101,25 +101,46 @@ _MIGRATIONS: dict[int, Callable[[Connection], None]] = {
 
 
 def _suppression_state(conn: Connection) -> None:
-    """SQLite: create ``suppression_state`` and its triggers if missing (the state starts at
-    the list's highest id). A trigger found missing beside an existing state (dropped by
-    hand) means inserts may have gone uncounted: the state is marked changed, so every
-    reader's key filter is built again."""
-    rows = conn.execute(
-        text(
-            "SELECT type, name FROM sqlite_master "
-            "WHERE (type = 'table' AND name = 'suppression_state') OR type = 'trigger'"
+    """SQLite: create ``suppression_state``, its triggers and ``suppression_filter`` if
+    missing (the state starts at the list's highest id, with an epoch of its own, so that no
+    filter of an earlier state is ever used). Repairs what it finds amiss: a table of an
+    older layout is created again; a trigger missing beside an existing state (dropped by
+    hand: changes may have gone uncounted) is recreated and the state given a new epoch, so
+    every reader's key filter is built again."""
+
+    def columns(table: str) -> tuple[str, ...]:
+        return tuple(str(r[1]) for r in conn.execute(text(f"PRAGMA table_info({table})")))
+
+    renewed = False
+    for table, wanted in (
+        ("suppression_state", STATE_COLUMNS),
+        ("suppression_filter", FILTER_COLUMNS),
+    ):
+        found = columns(table)
+        if found and found != wanted:
+            conn.execute(text(f"DROP TABLE {table}"))
+            renewed = True
+    triggers = {
+        str(name)
+        for (name,) in conn.execute(
+            text(
+                "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'suppression'"
+            )
         )
-    ).all()
-    had_state = any(kind == "table" for kind, _ in rows)
-    triggers = {name for kind, name in rows if kind == "trigger"}
+    }
+    for old in sorted(t for t in triggers if t.startswith("suppression_state_")):
+        if old not in STATE_TRIGGERS:
+            conn.execute(text(f'DROP TRIGGER "{old}"'))
+    had_state = bool(columns("suppression_state"))
     for statement in STATE_DDL:
         conn.execute(text(statement))
-    if had_state and not triggers.issuperset(STATE_TRIGGERS):
+    if renewed:
+        log.warning("suppression_state of an older layout: created again, key filters rebuilt")
+    elif had_state and not triggers.issuperset(STATE_TRIGGERS):
         log.warning("suppression_state triggers were missing: recreated, key filters rebuilt")
         conn.execute(
             text(
-                "UPDATE suppression_state SET misordered = misordered + 1, "
+                "UPDATE suppression_state SET epoch = lower(hex(randomblob(16))), "
                 "high = max(high, (SELECT coalesce(max(id), 0) FROM suppression)) WHERE id = 1"
             )
         )
@@ -138,8 +159,6 @@ async def _ensure_schema(db: Database, conn: AsyncConnection) -> None:
             f"understands ({CURRENT_SCHEMA_VERSION}): upgrade prospect-mailer"
         )
     await conn.run_sync(_create_tables)
-    if db.dialect == "sqlite":
-        await conn.run_sync(_suppression_state)
     now = datetime.now(UTC)
     if found is None:
         await conn.execute(
@@ -167,6 +186,10 @@ async def _ensure_schema(db: Database, conn: AsyncConnection) -> None:
     await conn.execute(
         db.insert(AUDIT_HEAD).values(id=1, seq=0, hash="0" * 64).on_conflict_do_nothing()
     )
+    if db.dialect == "sqlite":
+        # After the migrations: one that rebuilt the suppression table would take its
+        # triggers with it.
+        await conn.run_sync(_suppression_state)
 
 
 class Store:

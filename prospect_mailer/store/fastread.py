@@ -16,11 +16,13 @@ the keys it cannot rule out, the listed ones and about 0.3% of the others, are l
 SQLite. Small lookups (a relay's RCPT) are not screened: reading the state costs about what
 it would save them.
 Before each use the filter is checked against the one-row ``suppression_state`` that
-triggers keep whoever writes (a point read of a few microseconds): entries added since it was
-built are read by id and added, so a key listed a moment ago by another process is never
-missed; an insert it cannot account for that way (an id reused, a key changed) drops it and
-a new one is built, the lookups going to SQLite meanwhile, as they do before the first build
-and whenever the state cannot be read.
+triggers keep on every write (a point read of a few microseconds, with the triggers'
+presence): entries added since it was built are read by id and added, so a key listed a
+moment ago by another process is found; a change it cannot account for that way (an id
+reused, a key changed, the file gone back to a backup) drops it and a new one is built, the
+lookups going to SQLite meanwhile, as they do before the first build and whenever the state
+cannot be read or a trigger is missing. The one write it cannot see is one made on a
+connection that turned triggers off (``SQLITE_DBCONFIG_ENABLE_TRIGGER``; see the README).
 
 Keys are probed through the index on their first 16 hex digits (``ix_suppression_prefix``,
 schema version 3): 253 MB for 10,000,000 entries against 1.5 GB for the covering index of the
@@ -52,14 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import StoreError
-from .keyfilter import (
-    KeyFilter,
-    build_filter,
-    load_filter,
-    new_prefixes,
-    read_state,
-    save_filter,
-)
+from .keyfilter import KeyFilter, build_filter, load_filter, read_state, save_filter
 from .tables import SUPPRESSION_PREFIX_SQL, suppression_prefixes
 
 __all__ = ["INLINE_MAX_KEYS", "SQLiteReader"]
@@ -201,17 +196,16 @@ class SQLiteReader:
         if screen is None:
             return keys
         try:
-            high, misordered = read_state(self._con)
-            if misordered != screen.misordered or high - screen.high > CATCH_UP_MAX:
-                # Entries the filter cannot be told about by id: build it again.
+            state = read_state(self._con, screen.high)
+            if not screen.lacks_only_newer(state) or state.high - screen.high > CATCH_UP_MAX:
+                # Entries it cannot be told about by id, or many: built again (or the saved
+                # one loaded and brought up to date) in the builder's thread.
                 self._filter = None
                 self._start_build()
                 return keys
-            if high > screen.high:
-                screen.add(new_prefixes(self._con, screen.high, high))
-                screen.high = high
-                if screen.full:
-                    self._start_build()  # still right meanwhile, only less selective
+            screen.catch_up(self._con, state)
+            if screen.full:
+                self._start_build()  # still right meanwhile, only less selective
         except (sqlite3.Error, TypeError, ValueError) as exc:
             self._filter = None
             log.warning("suppression key filter dropped: its state cannot be read: %s", exc)
@@ -258,9 +252,9 @@ class SQLiteReader:
         self._built.set()
 
     def _load_or_build(self) -> tuple[KeyFilter | None, int]:
-        """The filter saved in the database brought up to date, if it still can be (the same
-        ``misordered``, not grown full); else one built from the list. Also returns how many
-        ids the loaded one was behind.
+        """The filter saved in the database brought up to date, if it still can be (it lacks
+        only entries newer than it, and is not grown full); else one built from the list.
+        Also returns how many ids the loaded one was behind.
 
         Raises:
             sqlite3.Error, TypeError, ValueError: the database failed, or its state is
@@ -274,13 +268,11 @@ class SQLiteReader:
                 log.warning("the saved suppression key filter cannot be read: %s", exc)
                 saved = None
             # Read after it: the state of a saved filter is never above this one.
-            high, misordered = read_state(con)
-            if saved is not None and saved.misordered == misordered and saved.high <= high:
+            state = read_state(con, saved.high if saved is not None else 0)
+            if saved is not None and saved.lacks_only_newer(state):
                 # Entries with an id above its high came after it, and only those (see
                 # keyfilter.STATE_DDL); they are read and added, as a lookup would.
-                behind = high - saved.high
-                saved.add(new_prefixes(con, saved.high, high))
-                saved.high = high
+                behind = saved.catch_up(con, state)
                 if not saved.full:
                     return saved, behind
             return build_filter(con, self._stop), 0

@@ -31,18 +31,23 @@ import sys
 import threading
 from array import array
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 from .tables import SUPPRESSION_KEY_PREFIX, SUPPRESSION_PREFIX_SQL
 
 __all__ = [
     "BITS_PER_ENTRY",
+    "FILTER_COLUMNS",
     "SCHEME",
+    "STATE_COLUMNS",
     "STATE_DDL",
     "STATE_SQL",
     "STATE_TRIGGERS",
     "KeyFilter",
+    "State",
     "build_filter",
     "load_filter",
+    "mark_of",
     "new_prefixes",
     "read_state",
     "save_filter",
@@ -59,57 +64,66 @@ _HALF = 0xFFFFFFFF
 _ROWS = 65_536  # index entries read by one statement while building
 
 #: SQLite: the one-row table that tells a reader which entries its filter lacks, kept by
-#: triggers whoever writes. ``high`` is the highest entry id ever inserted; ``misordered``
-#: counts the inserts whose id was not above it (an id reused after the highest entry was
-#: deleted, or set by hand) and the updates of a key. While ``misordered`` is unchanged, the
-#: entries added since a filter was built are exactly those with an id above its ``high``;
-#: once it changes, the filter is built again. Deletions need nothing: a filter holding a key
-#: no longer listed only costs a lookup.
+#: triggers (on every connection that has not turned triggers off: see the README).
+#: ``high`` is the highest entry id ever inserted; ``misordered`` counts the inserts whose id
+#: was not above it (an id reused after the highest entry was deleted, or set by hand) and the
+#: updates of an id or a key; ``removed`` counts deletions; ``epoch`` is drawn at random when
+#: the row is created. While the epoch and ``misordered`` are unchanged, the entries added
+#: since a filter was built are exactly those with an id above its ``high``, and only those
+#: are read. A deletion needs nothing (a stale key only costs a lookup), but a count that goes
+#: back, a ``high`` that goes back, or another entry at the filter's ``high`` than the one it
+#: saw (:data:`MARK_SQL`) means the file went back in time (a backup restored under a running
+#: process): entries the filter never saw may be back, so it is built again.
 STATE_DDL = (
     "CREATE TABLE IF NOT EXISTS suppression_state (id INTEGER PRIMARY KEY CHECK (id = 1), "
-    "high INTEGER NOT NULL, misordered INTEGER NOT NULL)",
-    "INSERT OR IGNORE INTO suppression_state (id, high, misordered) "
-    "SELECT 1, coalesce(max(id), 0), 0 FROM suppression",
-    "CREATE TRIGGER IF NOT EXISTS suppression_state_insert AFTER INSERT ON suppression BEGIN "
-    "UPDATE suppression_state SET misordered = misordered + (NEW.id <= high), "
+    "epoch TEXT NOT NULL, high INTEGER NOT NULL, misordered INTEGER NOT NULL, "
+    "removed INTEGER NOT NULL)",
+    "INSERT OR IGNORE INTO suppression_state (id, epoch, high, misordered, removed) "
+    "SELECT 1, lower(hex(randomblob(16))), coalesce(max(id), 0), 0, 0 FROM suppression",
+    "CREATE TRIGGER IF NOT EXISTS suppression_state_insert_v2 AFTER INSERT ON suppression "
+    "BEGIN UPDATE suppression_state SET misordered = misordered + (NEW.id <= high), "
     "high = max(high, NEW.id) WHERE id = 1; END",
-    "CREATE TRIGGER IF NOT EXISTS suppression_state_update AFTER UPDATE OF id, key_hash "
-    "ON suppression BEGIN UPDATE suppression_state SET misordered = misordered + 1 "
-    "WHERE id = 1; END",
+    # Any UPDATE statement: `UPDATE OF id` would miss an id changed through rowid or oid.
+    "CREATE TRIGGER IF NOT EXISTS suppression_state_update_v2 AFTER UPDATE ON suppression "
+    "WHEN OLD.id IS NOT NEW.id OR OLD.key_hash IS NOT NEW.key_hash "
+    "BEGIN UPDATE suppression_state SET misordered = misordered + 1 WHERE id = 1; END",
+    "CREATE TRIGGER IF NOT EXISTS suppression_state_delete_v2 AFTER DELETE ON suppression "
+    "BEGIN UPDATE suppression_state SET removed = removed + 1 WHERE id = 1; END",
     # The last filter a reader built, with the state it holds every entry of (see the
     # module doc); a reader loads it instead of building one when it is still usable.
     "CREATE TABLE IF NOT EXISTS suppression_filter (id INTEGER PRIMARY KEY CHECK (id = 1), "
-    "scheme TEXT NOT NULL, high INTEGER NOT NULL, misordered INTEGER NOT NULL, "
+    "scheme TEXT NOT NULL, epoch TEXT NOT NULL, high INTEGER NOT NULL, "
+    "misordered INTEGER NOT NULL, removed INTEGER NOT NULL, mark TEXT, "
     "bits_count INTEGER NOT NULL, sized_for INTEGER NOT NULL, added INTEGER NOT NULL, "
     "bits BLOB NOT NULL, saved_at TEXT NOT NULL)",
 )
+#: The columns of the two tables as :data:`STATE_DDL` creates them (an older layout, of a
+#: build of this schema version before the epoch, is dropped and created again).
+STATE_COLUMNS = ("id", "epoch", "high", "misordered", "removed")
+FILTER_COLUMNS = (
+    "id", "scheme", "epoch", "high", "misordered", "removed", "mark", "bits_count",
+    "sized_for", "added", "bits", "saved_at",
+)  # fmt: skip
 #: How a saved filter's bits were laid out: one saved by another layout is not loaded.
-SCHEME = "bloom3-prefix64-v1"
-#: The triggers :data:`STATE_DDL` creates (the store checks they are all there at open).
-STATE_TRIGGERS = ("suppression_state_insert", "suppression_state_update")
-#: ``(high, misordered, triggers)``: the state, and how many of :data:`STATE_TRIGGERS` exist
-#: (read with it: a trigger dropped by hand, even while a process runs, stops the filters).
-STATE_SQL = (
-    "SELECT high, misordered, (SELECT count(*) FROM sqlite_master "  # noqa: S608 - constants
-    f"WHERE type = 'trigger' AND name IN {STATE_TRIGGERS!r}) FROM suppression_state WHERE id = 1"
+SCHEME = "bloom3-prefix64-v2"
+#: The triggers :data:`STATE_DDL` creates (checked at open and with every state read).
+STATE_TRIGGERS = (
+    "suppression_state_insert_v2",
+    "suppression_state_update_v2",
+    "suppression_state_delete_v2",
 )
-
-
-def read_state(con: sqlite3.Connection) -> tuple[int, int]:
-    """``(high, misordered)`` of ``suppression_state``.
-
-    Raises:
-        ValueError: no state row, or a trigger keeping it is missing (inserts may go
-            uncounted: no filter may be used).
-        sqlite3.Error: the database failed (no such table...).
-    """
-    row = con.execute(STATE_SQL).fetchone()
-    if row is None:
-        raise ValueError("suppression_state has no row")
-    high, misordered, triggers = row
-    if triggers != len(STATE_TRIGGERS):
-        raise ValueError("a trigger keeping suppression_state is missing")
-    return int(high), int(misordered)
+#: What identifies the entry at an id: its key's prefix and when it was listed (``NULL``:
+#: no entry there).
+_MARK = f"{SUPPRESSION_PREFIX_SQL} || '|' || created_at"
+#: The state, how many of :data:`STATE_TRIGGERS` exist (read with it: a trigger dropped by
+#: hand, even while a process runs, stops the filters), and the mark of the entry at ``?``.
+STATE_SQL = (
+    "SELECT epoch, high, misordered, removed, (SELECT count(*) FROM sqlite_master "  # noqa: S608
+    f"WHERE type = 'trigger' AND name IN {STATE_TRIGGERS!r}), "
+    f"(SELECT {_MARK} FROM suppression WHERE id = ?) FROM suppression_state WHERE id = 1"
+)
+#: The mark of the entry at ``?``.
+MARK_SQL = f"SELECT {_MARK} FROM suppression WHERE id = ?"  # noqa: S608 - constant names
 
 
 # Building reads the prefix index, the smallest thing holding every key's prefix (about 1 s
@@ -126,23 +140,100 @@ _STRETCH = f"SELECT count(*), max(p), group_concat(p, '') FROM ({_STRETCH_ROWS})
 _NEW_PREFIXES = f"SELECT {_P} FROM suppression WHERE id > ? AND id <= ?"  # noqa: S608
 
 
+class State(NamedTuple):
+    """What :func:`read_state` read: ``suppression_state``, and the mark of the entry at the
+    id it was asked about."""
+
+    epoch: str
+    high: int
+    misordered: int
+    removed: int
+    mark_at: str | None
+
+
+def read_state(con: sqlite3.Connection, at: int) -> State:
+    """``suppression_state``, with the mark of the entry at id ``at``.
+
+    Raises:
+        ValueError: no state row, or a trigger keeping it is missing (changes may go
+            uncounted: no filter may be used).
+        sqlite3.Error: the database failed (no such table...).
+    """
+    row = con.execute(STATE_SQL, (at,)).fetchone()
+    if row is None:
+        raise ValueError("suppression_state has no row")
+    epoch, high, misordered, removed, triggers, mark = row
+    if triggers != len(STATE_TRIGGERS):
+        raise ValueError("a trigger keeping suppression_state is missing")
+    return State(str(epoch), int(high), int(misordered), int(removed), mark)
+
+
+def mark_of(con: sqlite3.Connection, at: int) -> str | None:
+    """The mark of the entry at id ``at`` (``None``: none there).
+
+    Raises:
+        sqlite3.Error: the database failed.
+    """
+    row = con.execute(MARK_SQL, (at,)).fetchone()
+    return None if row is None else row[0]
+
+
 class KeyFilter:
     """The filter itself: :meth:`add` prefixes, ask :meth:`candidates`. Not thread-safe: the
     reader mutates and reads it under its lock."""
 
-    def __init__(self, entries: int, high: int, misordered: int) -> None:
-        """An empty filter sized for ``entries`` keys, at state ``(high, misordered)``."""
+    def __init__(
+        self,
+        entries: int,
+        high: int = 0,
+        misordered: int = 0,
+        *,
+        epoch: str = "",
+        removed: int = 0,
+        mark: str | None = None,
+    ) -> None:
+        """An empty filter sized for ``entries`` keys, holding every entry of the state
+        ``(epoch, high, misordered, removed)``; ``mark``: that of the entry at ``high``."""
         self.bits_count = max(MIN_BITS, BITS_PER_ENTRY * entries)
         self._bits = bytearray((self.bits_count + 7) // 8)
         #: The entries it was sized for; :attr:`full` past ``1 + GROWTH`` times as many.
         self.sized_for = max(entries, MIN_BITS // BITS_PER_ENTRY)
         #: How many prefixes were added (counting repeats).
         self.added = 0
-        #: The ``suppression_state`` the filter holds every entry of.
+        #: The ``suppression_state`` the filter holds every entry of (see :data:`STATE_DDL`).
+        self.epoch = epoch
         self.high = high
         self.misordered = misordered
+        self.removed = removed
+        self.mark = mark
         #: ``built`` here, or ``loaded`` from the database.
         self.origin = "built"
+
+    def lacks_only_newer(self, state: State) -> bool:
+        """Whether what the filter lacks at ``state`` (read with the mark of the entry at
+        :attr:`high`) is exactly the entries with an id above :attr:`high`."""
+        return (
+            state.epoch == self.epoch
+            and state.misordered == self.misordered
+            and state.removed >= self.removed
+            and state.high >= self.high
+            and state.mark_at == self.mark
+        )
+
+    def catch_up(self, con: sqlite3.Connection, state: State) -> int:
+        """Add the entries with an id up to ``state.high`` above :attr:`high` and move to
+        ``state`` (only when :meth:`lacks_only_newer`); how many ids it was behind.
+
+        Raises:
+            sqlite3.Error: the database failed.
+        """
+        behind = state.high - self.high
+        if behind:
+            self.add(new_prefixes(con, self.high, state.high))
+            self.high = state.high
+            self.mark = mark_of(con, state.high)
+        self.removed = state.removed
+        return behind
 
     @property
     def nbytes(self) -> int:
@@ -213,14 +304,23 @@ def build_filter(
     in the filter or not: its id is above the state's ``high``, so the first use of the
     filter reads it again. A stretch comes as one text (no row objects) read into integers by
     :class:`array.array`, unless an odd stored key (not 16 hex digits) makes it uneven: that
-    stretch is then read row by row.
+    stretch is then read row by row, and the next one starts after the last row read (not
+    after the first reading's last: entries added between the two readings would push old
+    ones out of the second).
 
     Raises:
         sqlite3.Error: the database failed.
         ValueError: the state cannot be trusted (see :func:`read_state`).
     """
-    high, misordered = read_state(con)
-    built = KeyFilter(high, high, misordered)  # ids are never fewer than the entries
+    state = read_state(con, 0)
+    built = KeyFilter(
+        state.high,  # ids are never fewer than the entries
+        state.high,
+        state.misordered,
+        epoch=state.epoch,
+        removed=state.removed,
+        mark=mark_of(con, state.high),
+    )
     last = ""
     while True:
         if stop is not None and stop.is_set():
@@ -238,19 +338,24 @@ def build_filter(
             if sys.byteorder == "little":
                 values.byteswap()  # the hex digits are big-endian
             built.add_values(values)
+            last = top
         else:
-            built.add(row[0] for row in con.execute(_STRETCH_ROWS, (last, stretch)))
-        last = top
+            rows = [row[0] for row in con.execute(_STRETCH_ROWS, (last, stretch))]
+            built.add(rows)
+            if not rows:
+                return built  # all gone meanwhile: the rest were deleted or come by id
+            last = rows[-1]
 
 
 _LOAD = (
-    "SELECT scheme, high, misordered, bits_count, sized_for, added, typeof(bits), length(bits) "
-    "FROM suppression_filter WHERE id = 1"
+    "SELECT scheme, epoch, high, misordered, removed, mark, bits_count, sized_for, added, "
+    "typeof(bits), length(bits) FROM suppression_filter WHERE id = 1"
 )
 _READ = 1 << 20  # bytes of a saved filter read at a time (no second copy of it in memory)
 _SAVE = (
-    "INSERT OR REPLACE INTO suppression_filter (id, scheme, high, misordered, bits_count, "
-    "sized_for, added, bits, saved_at) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT OR REPLACE INTO suppression_filter (id, scheme, epoch, high, misordered, removed, "
+    "mark, bits_count, sized_for, added, bits, saved_at) "
+    "VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -268,9 +373,13 @@ def load_filter(con: sqlite3.Connection) -> KeyFilter | None:
         row = con.execute(_LOAD).fetchone()
         if row is None:
             return None
-        scheme, high, misordered, bits_count, sized_for, added, kind, size = row
+        scheme, epoch, high, misordered, removed, mark, bits_count, sized_for, added = row[:9]
+        kind, size = row[9:]
         if (
             scheme != SCHEME
+            or not isinstance(epoch, str)
+            or not isinstance(removed, int)
+            or not (mark is None or isinstance(mark, str))
             or kind != "blob"
             or not all(isinstance(n, int) for n in (high, misordered, bits_count, sized_for, added))
             or bits_count < MIN_BITS
@@ -287,7 +396,7 @@ def load_filter(con: sqlite3.Connection) -> KeyFilter | None:
                 view[at : at + len(part)] = part
     finally:
         con.execute("COMMIT")
-    loaded = KeyFilter(0, high, misordered)
+    loaded = KeyFilter(0, high, misordered, epoch=epoch, removed=removed, mark=mark)
     loaded.bits_count, loaded.sized_for, loaded.added = bits_count, sized_for, added
     loaded._bits = bits
     loaded.origin = "loaded"
@@ -306,8 +415,11 @@ def save_filter(con: sqlite3.Connection, saved: KeyFilter, at: str) -> None:
             _SAVE,
             (
                 SCHEME,
+                saved.epoch,
                 saved.high,
                 saved.misordered,
+                saved.removed,
+                saved.mark,
                 saved.bits_count,
                 saved.sized_for,
                 saved.added,
