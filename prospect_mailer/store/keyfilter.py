@@ -5,8 +5,9 @@ index descent (about 3 to 9 µs on 10,000,000 entries, most of it waiting on mem
 answers "certainly absent" for about 99.7% of absent keys in well under a microsecond each, from
 memory (20 bits an entry: 25 MB for 10,000,000 entries); the remaining keys, the listed ones and
 a few false positives, are looked up in SQLite as before. A filter never answers "absent" for a
-key it was given, so it cannot let a listed recipient through; a false positive only costs a
-lookup.
+key it was given; kept up to date as below, it cannot let a listed recipient through (the one
+write it cannot see: one made on a connection that turned SQLite's triggers off). A false
+positive only costs a lookup.
 
 It holds the first 16 hex digits of each key (what the lookup index holds), read as a 64-bit
 number whose two halves give the three bit positions (double hashing: the keys are SHA-256
@@ -17,8 +18,8 @@ Freshness is the reader's job (:mod:`~prospect_mailer.store.fastread`): the filt
 dropped, before each use.
 
 A built filter is saved in the database (``suppression_filter``, one row: the bits and the
-state they hold), so the next process loads it (about 0.1 s for 10,000,000 entries) and reads
-only the entries added since, instead of building it again (about 15 s). Being in the same
+state they hold), so the next process loads it (0.03-0.1 s for 10,000,000 entries) and reads
+only the entries added since, instead of building it again (11-23 s). Being in the same
 file as the list, it is backed up and restored with it, so a restored list never meets a
 filter of another list. The bits come from hashes of the keys, which are hashes already: no
 address can be read back from them.
