@@ -10,8 +10,8 @@ WAL mode lets this reader see every committed write at once.
 
 Screening (schema version 4): once the first large batch has asked, a thread of its own
 loads the Bloom filter of the list's keys saved in the database, or builds and saves one
-(:mod:`~prospect_mailer.store.keyfilter`; 25 MB for 10,000,000 entries, about 0.1 s to load,
-15 s to build), and from then on every large lookup asks it first: only
+(:mod:`~prospect_mailer.store.keyfilter`; 25 MB for 10,000,000 entries, 0.03-0.1 s to load,
+11-23 s to build), and from then on every large lookup asks it first: only
 the keys it cannot rule out, the listed ones and about 0.3% of the others, are looked up in
 SQLite. Small lookups (a relay's RCPT) are not screened: reading the state costs about what
 it would save them.
@@ -79,7 +79,8 @@ _SELECT_JSON = (
 #: A batch is split in parts of at least this many keys, one per parallel connection.
 PART_MIN_KEYS = 200
 #: Entries added since the filter was built that a lookup reads and adds itself; more (a
-#: large import meanwhile) and the filter is built again beside, the lookups going to SQLite.
+#: large import meanwhile) and the filter is dropped, the builder's thread loading the saved
+#: one and reading them there (or building anew), the lookups going to SQLite meanwhile.
 CATCH_UP_MAX = 10_000
 #: Seconds before a failed filter build is tried again.
 RETRY_BUILD = 60.0

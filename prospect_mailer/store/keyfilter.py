@@ -353,10 +353,10 @@ _LOAD = (
     "typeof(bits), length(bits) FROM suppression_filter WHERE id = 1"
 )
 _READ = 1 << 20  # bytes of a saved filter read at a time (no second copy of it in memory)
+# Every column of the table, by name (the list is FILTER_COLUMNS, checked at open).
 _SAVE = (
-    "INSERT OR REPLACE INTO suppression_filter (id, scheme, epoch, high, misordered, removed, "
-    "mark, bits_count, sized_for, added, bits, saved_at) "
-    "VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT OR REPLACE INTO suppression_filter ({', '.join(FILTER_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join(':' + c for c in FILTER_COLUMNS)})"
 )
 
 
@@ -411,23 +411,22 @@ def save_filter(con: sqlite3.Connection, saved: KeyFilter, at: str) -> None:
     Raises:
         sqlite3.Error: the database failed (locked too long, read-only...).
     """
+    row = {
+        "id": 1,
+        "scheme": SCHEME,
+        "epoch": saved.epoch,
+        "high": saved.high,
+        "misordered": saved.misordered,
+        "removed": saved.removed,
+        "mark": saved.mark,
+        "bits_count": saved.bits_count,
+        "sized_for": saved.sized_for,
+        "added": saved.added,
+        "bits": saved._bits,  # bound as a blob, not copied first
+        "saved_at": at,
+    }
     with con:
-        con.execute(
-            _SAVE,
-            (
-                SCHEME,
-                saved.epoch,
-                saved.high,
-                saved.misordered,
-                saved.removed,
-                saved.mark,
-                saved.bits_count,
-                saved.sized_for,
-                saved.added,
-                saved._bits,  # bound as a blob, not copied first
-                at,
-            ),
-        )
+        con.execute(_SAVE, row)
 
 
 def new_prefixes(con: sqlite3.Connection, after: int, upto: int) -> list[str]:
