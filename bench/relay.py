@@ -147,11 +147,12 @@ def serving(
             cmd = [sys.executable, "-m", "bench.bare_proxy", str(port), str(sink_port), loop]
         else:
             db = str(Path(tmp) / "relay.db")
+            writer = "process" if kind == "ours-process" else "thread"
             cmd = [sys.executable, "-m", "bench.relay_server", db, str(port), str(sink_port),
-                   str(prospects), str(workers)]  # fmt: skip
+                   str(prospects), str(workers), writer]  # fmt: skip
         server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         try:
-            if kind == "ours":
+            if kind.startswith("ours"):
                 assert server.stdout is not None
                 server.stdout.readline()  # "ready" once the prospects are registered
             wait_port(port, 60)
@@ -171,9 +172,11 @@ def run(
         wall, errors = drive(port, msg, n, sessions, reuse)
         cpu = proc_cpu(server.pid) - cpu0
         rss = proc_peak_rss_mb(server.pid)
-    who = {"bare": "bare proxy", "bare-uvloop": "bare proxy on uvloop"}.get(
-        kind, f"prospect-mailer relay ({RELAY_LOOP})"
-    )
+    who = {
+        "bare": "bare proxy",
+        "bare-uvloop": "bare proxy on uvloop",
+        "ours-process": f"prospect-mailer relay ({RELAY_LOOP}, writer process)",
+    }.get(kind, f"prospect-mailer relay ({RELAY_LOOP})")
     if workers > 1:
         who += f" x{workers} workers"
     name = f"{who} {msg.stem[8:]} " + ("reused sessions" if reuse else "new sessions")
@@ -234,6 +237,7 @@ def main() -> None:
                 if RELAY_LOOP == "uvloop":  # the same proxy on uvloop, for comparison only
                     ways.append(("bare-uvloop", 1))
                 ways += [("ours", workers) for workers in sorted({1, a.workers})]
+                ways += [("ours-process", workers) for workers in sorted({1, a.workers})]
                 rounds: dict[tuple[str, int], list[Result]] = {way: [] for way in ways}
                 for i in range(a.rounds):
                     turn = i % len(ways)
@@ -244,7 +248,7 @@ def main() -> None:
                 base = median_round(rounds["bare", 1])
                 for way in ways:
                     row = base if way == ("bare", 1) else median_round(rounds[way])
-                    if way[0] == "ours":
+                    if way[0].startswith("ours"):
                         row.baseline = base.name
                     results.append(row)
     print_table(

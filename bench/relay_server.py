@@ -1,6 +1,7 @@
 """The prospect-mailer relay for the benchmark, on a prepared store.
 
-``python -m bench.relay_server DB LISTEN_PORT UPSTREAM_PORT PROSPECTS [WORKERS]`` registers
+``python -m bench.relay_server DB LISTEN_PORT UPSTREAM_PORT PROSPECTS [WORKERS [WRITER]]``
+(WRITER ``thread`` or ``process``: the relay's ``writer`` setting) registers
 campaign ``bench`` (bound to the sender ``ventes@acme.example``) and prospects
 ``{i}to@x.example`` (what ``smtp-source -N -t to@x.example`` sends to), then relays to the
 upstream, in one process or in WORKERS processes sharing the port (``[relay] workers``).
@@ -39,8 +40,10 @@ async def prepare(db: str, prospects: int) -> None:
             )
 
 
-async def serve(db: str, listen: int, upstream: int, sock: socket.socket | None) -> None:
-    async with Store.connect(sqlite_url(db)) as store:
+async def serve(
+    db: str, listen: int, upstream: int, sock: socket.socket | None, writer: str
+) -> None:
+    async with Store.connect(sqlite_url(db), writer_process=writer == "process") as store:
         transport = SMTPTransport("127.0.0.1", upstream, start_tls=False, pool_size=16)
         mailer = ProspectMailer(
             store=store,
@@ -71,14 +74,14 @@ async def serve(db: str, listen: int, upstream: int, sock: socket.socket | None)
         await transport.close()
 
 
-def main(db: str, listen: int, upstream: int, prospects: int, workers: int) -> int:
+def main(db: str, listen: int, upstream: int, prospects: int, workers: int, writer: str) -> int:
     asyncio.run(prepare(db, prospects))
     # The event loop `prospect-mailer relay` takes (relay.event_loop = auto).
     _, new_loop = event_loop_factory("auto")
 
     def run(sock: socket.socket | None) -> None:
         with asyncio.Runner(loop_factory=new_loop) as runner:
-            runner.run(serve(db, listen, upstream, sock))
+            runner.run(serve(db, listen, upstream, sock, writer))
 
     if workers == 1:
         run(None)
@@ -91,5 +94,6 @@ def main(db: str, listen: int, upstream: int, prospects: int, workers: int) -> i
 
 
 if __name__ == "__main__":
-    args = [*sys.argv[1:], "1"][:5]
-    sys.exit(main(args[0], int(args[1]), int(args[2]), int(args[3]), int(args[4])))
+    args = sys.argv[1:]
+    args += ["1", "thread"][len(args) - 4 :]  # WORKERS and WRITER by default
+    sys.exit(main(args[0], int(args[1]), int(args[2]), int(args[3]), int(args[4]), args[5]))

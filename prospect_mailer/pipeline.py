@@ -25,7 +25,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Se
 from dataclasses import dataclass
 from datetime import datetime
 from email.message import EmailMessage
-from typing import Literal
+from typing import Any, Literal
 
 from jinja2 import TemplateError
 
@@ -49,6 +49,7 @@ from .sendplan import (
     audit_base,
     chunks,
     failed_outcome,
+    plan_event,
     suppression_match,
 )
 from .store import (
@@ -89,6 +90,8 @@ class Pipeline:
         self.clock = clock
         self.transport_label = transport_label
         self.concurrency = concurrency
+        # Shared by every send of this pipeline, so concurrent sends (the relay's sessions,
+        # several send_many calls) share transactions too.
         # Shared by every send of this pipeline, so concurrent sends (the relay's sessions,
         # several send_many calls) share transactions too.
         self._commits: SendCommits[ClaimBatch, list[ClaimResult]] = SendCommits(self._commit_sends)
@@ -348,7 +351,7 @@ class Pipeline:
         ]
         if not requests and not events:
             return
-        batch = ClaimBatch(requests, _recorder(plans, events))
+        batch = ClaimBatch(requests, ChunkRecords.of(plans, events))
         try:
             if options.force:
                 results, _ = await self.store.claim_and_record(requests, batch.record, force=True)
@@ -402,15 +405,7 @@ class Pipeline:
         """The group commit of :meth:`claim_and_record` and of the sends' results: many
         chunks' claims and many results, one transaction on SQLite."""
         requests = [r for b in batches for r in b.requests]
-
-        def record(results: list[ClaimResult]) -> list[AuditEvent]:
-            out: list[AuditEvent] = []
-            at = 0
-            for b in batches:
-                out += b.record(results[at : at + len(b.requests)])
-                at += len(b.requests)
-            return out
-
+        record = BatchRecords([(len(b.requests), b.record) for b in batches])
         claimed, failed = await self.store.commit_sends(
             requests, record, [r for r, _ in finished], [e for _, e in finished]
         )
@@ -529,22 +524,49 @@ class ClaimBatch:
     """One chunk's claims and the records that follow from their results."""
 
     requests: list[ClaimRequest]
-    record: Callable[[list[ClaimResult]], list[AuditEvent]]
+    record: ChunkRecords
 
 
-def _recorder(
-    plans: list[Plan], events: list[AuditEvent]
-) -> Callable[[list[ClaimResult]], list[AuditEvent]]:
-    """The records of a chunk given its claim results (pure: may run in the writer thread)."""
+@dataclass(frozen=True, slots=True)
+class ChunkRecords:
+    """The records of a chunk given its claim results: ``events`` (known before claiming),
+    then per claim a ``pending`` record if won, else a ``duplicate`` one.
 
-    def record(results: list[ClaimResult]) -> list[AuditEvent]:
-        out = list(events)
-        for p, claim in zip(plans, results, strict=True):
+    Plain data and a pure call, so that the writer may build the records in its own thread
+    or process (the records are pickled there with the claims): each send is given by its
+    audit base, send id, extra facts and Message-ID.
+    """
+
+    events: list[AuditEvent]
+    sends: list[tuple[dict[str, Any], str, dict[str, Any], str | None]]
+
+    @classmethod
+    def of(cls, plans: list[Plan], events: list[AuditEvent]) -> ChunkRecords:
+        return cls(events, [(p.base, p.send_id, p.extra, p.message_id) for p in plans])
+
+    def __call__(self, results: list[ClaimResult]) -> list[AuditEvent]:
+        out = list(self.events)
+        for (base, send_id, extra, message_id), claim in zip(self.sends, results, strict=True):
             if claim.claimed:
-                pending = p.event("pending", extra=p.extra)
-                out.append(dataclasses.replace(pending, message_id=p.message_id))
+                pending = plan_event(base, send_id, "pending", extra=extra)
+                out.append(dataclasses.replace(pending, message_id=message_id))
             else:
-                out.append(p.event("duplicate", extra={"existing_send_id": claim.existing_send_id}))
+                existing = {"existing_send_id": claim.existing_send_id}
+                out.append(plan_event(base, send_id, "duplicate", extra=existing))
         return out
 
-    return record
+
+@dataclass(frozen=True, slots=True)
+class BatchRecords:
+    """The records of several chunks claimed in one transaction, given all their claim
+    results in order (plain data: see :class:`ChunkRecords`)."""
+
+    parts: list[tuple[int, ChunkRecords]]  # (how many claims, their records)
+
+    def __call__(self, results: list[ClaimResult]) -> list[AuditEvent]:
+        out: list[AuditEvent] = []
+        at = 0
+        for count, record in self.parts:
+            out += record(results[at : at + count])
+            at += count
+        return out

@@ -65,17 +65,7 @@ class Plan:
     def event(
         self, status: str, *, rule_ids: Sequence[str] = (), extra: dict[str, Any] | None = None
     ) -> AuditEvent:
-        details = dict(self.base["details"])
-        if extra:
-            details.update({k: v for k, v in extra.items() if v is not None})
-        fields = {k: v for k, v in self.base.items() if k != "details"}
-        return AuditEvent(
-            **fields,
-            send_id=self.send_id,
-            status=status,
-            rule_ids=tuple(rule_ids),
-            details=details,
-        )
+        return plan_event(self.base, self.send_id, status, rule_ids=rule_ids, extra=extra)
 
     def finish_request(
         self, campaign: Campaign, options: Options, status: ClaimStatus
@@ -89,6 +79,25 @@ class Plan:
             message_id=self.message_id,
             message_key=options.message_key,
         )
+
+
+def plan_event(
+    base: dict[str, Any],
+    send_id: str,
+    status: str,
+    *,
+    rule_ids: Sequence[str] = (),
+    extra: dict[str, Any] | None = None,
+) -> AuditEvent:
+    """The record of one send: its audit ``base`` (see ``audit_base``) with ``status``, its
+    ``rule_ids``, and ``extra`` facts (those not None) added to the details."""
+    details = dict(base["details"])
+    if extra:
+        details.update({k: v for k, v in extra.items() if v is not None})
+    fields = {k: v for k, v in base.items() if k != "details"}
+    return AuditEvent(
+        **fields, send_id=send_id, status=status, rule_ids=tuple(rule_ids), details=details
+    )
 
 
 def failed_outcome(p: Plan, detail: str) -> Outcome:

@@ -41,6 +41,7 @@ from .keyfilter import FILTER_COLUMNS, STATE_COLUMNS, STATE_DDL, STATE_TRIGGERS
 from .prospects import ProspectRegistry
 from .suppression import SuppressionList
 from .tables import AUDIT_HEAD, SCHEMA_VERSION, STORE_TABLES, SUPPRESSION
+from .writer_process import ProcessWriter
 
 __all__ = ["CURRENT_SCHEMA_VERSION", "Store"]
 
@@ -214,9 +215,11 @@ class Store:
         url: URL,
         reader: SQLiteReader | None = None,
         writer: SQLiteWriter | None = None,
+        sends_writer: ProcessWriter | None = None,
     ) -> None:
         """Wrap an opened database; use :meth:`open` instead."""
         self._db = db
+        self._sends_writer = sends_writer
         self.url = url.render_as_string(hide_password=True)
         self._reader = reader
         self._writer = writer
@@ -236,6 +239,7 @@ class Store:
         pool_size: int = 10,
         echo: bool = False,
         key_filter: bool = True,
+        writer_process: bool = False,
     ) -> Store:
         """Connect to ``url`` and create or check the schema.
 
@@ -250,6 +254,10 @@ class Store:
                 of the list's keys (:mod:`~prospect_mailer.store.keyfilter`: 20 bits an
                 entry, 25 MB for 10,000,000); ``False`` spares that memory, every key then
                 going to SQLite.
+            writer_process: SQLite file: run the send pipeline's group commits (claims,
+                results and their audit records) in a child process
+                (:mod:`~prospect_mailer.store.writer_process`), off the event loop's GIL: the
+                relay's setting ``writer = "process"``. No effect on other databases.
 
         Raises:
             ConfigError: the URL or schema name is not usable.
@@ -265,6 +273,8 @@ class Store:
                 echo=echo,
             )
         )
+        reader: SQLiteReader | None = None
+        writer: SQLiteWriter | None = None
         try:
             # Another process may be creating or upgrading the schema (a migration of a large
             # suppression list holds the lock about 30 s per 10M entries): wait for it.
@@ -288,10 +298,19 @@ class Store:
                 else None
             )
             writer = SQLiteWriter(parsed.database) if direct and parsed.database else None
+            sends_writer = (
+                await ProcessWriter.start(parsed.database)
+                if writer_process and direct and parsed.database
+                else None
+            )
         except BaseException:
+            if reader is not None:
+                reader.close()
+            if writer is not None:
+                writer.close()
             await db.engine.dispose()
             raise
-        return cls(db, parsed, reader, writer)
+        return cls(db, parsed, reader, writer, sends_writer)
 
     @classmethod
     @asynccontextmanager
@@ -304,6 +323,7 @@ class Store:
         pool_size: int = 10,
         echo: bool = False,
         key_filter: bool = True,
+        writer_process: bool = False,
     ) -> AsyncIterator[Store]:
         """``async with Store.connect(url) as store``: :meth:`open`, then :meth:`close`.
 
@@ -316,6 +336,7 @@ class Store:
             pool_size=pool_size,
             echo=echo,
             key_filter=key_filter,
+            writer_process=writer_process,
         )
         try:
             yield store
@@ -346,6 +367,9 @@ class Store:
             self.claims.reader = None
             self.prospects.reader = None
             self.campaigns.reader = None
+        if self._sends_writer is not None:
+            await self._sends_writer.close()
+            self._sends_writer = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -425,44 +449,13 @@ class Store:
             finishes, finish_events, finish_error = [], [], exc
         refused = claim_error is not None  # nothing of the claims' kind is written
         results: list[ClaimResult] = []
-        writer = self.claims.direct
+        writer: SQLiteWriter | ProcessWriter | None = self._sends_writer or self.claims.direct
         if writer is not None and not self._db.closed:
             now = datetime.now(UTC)
 
-            def work(
-                con: sqlite3.Connection,
-            ) -> tuple[list[ClaimResult], Exception | None, Exception | None]:
-                # Each kind's records are built under its own guard: a malformed record (say
-                # details over the size limit) fails its own kind, never the other one.
-                rows: list[dict[str, object]] = []
-                unfinished: Exception | None = None
-                if finishes:
-                    try:
-                        rows = [e._row() for e in finish_events]
-                    except InvalidInputError as exc:
-                        unfinished = exc
-                    else:
-                        fastwrite.finish_many(con, finishes, now)
-                done: list[ClaimResult] = []
-                failed: Exception | None = None
-                if not refused:
-                    isolated = bool(finishes)  # results in this transaction: keep them apart
-                    if isolated:
-                        con.execute("SAVEPOINT claims")
-                    try:
-                        done = fastwrite.claim_many(con, claims, now) if claims else []
-                        # The claims' records (or those of a chunk that claimed nothing:
-                        # all its recipients were blocked).
-                        rows += [e._row() for e in record(done)]
-                    except (sqlite3.Error, InvalidInputError) as exc:
-                        if not isolated:
-                            raise
-                        con.execute("ROLLBACK TO claims")
-                        done, failed = [], exc
-                if rows:
-                    fastwrite.append_audit(con, rows)
-                return done, failed, unfinished
-
+            work = fastwrite.SendsCommit(
+                list(claims), record, list(finishes), list(finish_events), refused, now
+            )
             try:
                 results, failed, unfinished = await writer.run("recording sends", work)
             except (StoreError, InvalidInputError) as exc:

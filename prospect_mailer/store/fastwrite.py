@@ -41,17 +41,19 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TypeVar
 
-from ..errors import StoreError
+from ..errors import InvalidInputError, StoreError
 from .audit_records import chain_rows
 from .engine import SQLITE_PRAGMAS, WRITE_LOCK_WAIT
 
 if TYPE_CHECKING:
+    from .audit_records import AuditEvent
     from .claims import ClaimRequest, ClaimResult, FinishRequest
 
-__all__ = ["SQLiteWriter", "sqlite_datetime"]
+__all__ = ["SQLiteWriter", "SendsCommit", "sqlite_datetime"]
 
 T = TypeVar("T")
 
@@ -189,6 +191,27 @@ class SQLiteWriter:
             self._con = con
         return self._con
 
+    def open(self) -> None:
+        """Open the connection now rather than at the first transaction.
+
+        Raises:
+            StoreError: the database cannot be opened.
+        """
+        with self._lock:
+            try:
+                self._connection()
+            except sqlite3.Error as exc:
+                raise StoreError(f"opening {self._path} failed: {exc}") from exc
+
+    def transaction(self, what: str, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work(connection)`` in one transaction in the calling thread (the writer
+        process's loop; elsewhere use :meth:`run`).
+
+        Raises:
+            StoreError: the database failed or the writer is closed (nothing is written).
+        """
+        return self._transaction(what, work)
+
     def _transaction(self, what: str, work: Callable[[sqlite3.Connection], T]) -> T:
         with self._lock:
             if self._closed:
@@ -233,6 +256,59 @@ class SQLiteWriter:
 
 
 # -- the statements (run in the writer thread, inside SQLiteWriter._transaction) ------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendsCommit:
+    """The group commit of the send pipeline as one transaction's work (see
+    :meth:`~prospect_mailer.store.Store.commit_sends`): the results (claims finished, their
+    records), then the claims under a savepoint, then every record in one append.
+
+    Plain data and a call, so that a writer may run it in its own thread or process (pickled).
+    Returns ``(claim results, the claims' error, the results' error)``: an error of one kind
+    (a database error in the claims, a malformed record) leaves the other kind committed.
+    """
+
+    claims: list[ClaimRequest]
+    record: Callable[[list[ClaimResult]], Sequence[AuditEvent]]
+    finishes: list[FinishRequest]
+    finish_events: list[AuditEvent]
+    refused: bool  # the claims were refused before: none is written, nor their records
+    now: datetime
+
+    def __call__(
+        self, con: sqlite3.Connection
+    ) -> tuple[list[ClaimResult], Exception | None, Exception | None]:
+        # Each kind's records are built under its own guard: a malformed record (say details
+        # over the size limit) fails its own kind, never the other one.
+        rows: list[dict[str, object]] = []
+        unfinished: Exception | None = None
+        if self.finishes:
+            try:
+                rows = [e._row() for e in self.finish_events]
+            except InvalidInputError as exc:
+                unfinished = exc
+            else:
+                finish_many(con, self.finishes, self.now)
+        done: list[ClaimResult] = []
+        failed: Exception | None = None
+        if not self.refused:
+            isolated = bool(self.finishes)  # results in this transaction: keep them apart
+            if isolated:
+                con.execute("SAVEPOINT claims")
+            try:
+                done = claim_many(con, self.claims, self.now) if self.claims else []
+                # The claims' records (or those of a chunk that claimed nothing: all its
+                # recipients were blocked).
+                rows += [e._row() for e in self.record(done)]
+            except (sqlite3.Error, InvalidInputError) as exc:
+                if not isolated:
+                    raise
+                con.execute("ROLLBACK TO claims")
+                done, failed = [], exc
+        if rows:
+            append_audit(con, rows)
+        return done, failed, unfinished
 
 
 def append_audit(

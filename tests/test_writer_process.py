@@ -1,0 +1,146 @@
+"""The send pipeline's group commits in a child process (store/writer_process.py), for real:
+a SQLite file, the child started by the store, an aiosmtpd sink upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from factories import BASE, CAMPAIGN, KEY, MAILTO_DOMAIN, NOW, b2b
+from smtp_fixtures import SMTPTestServer
+
+from prospect_mailer.errors import StoreError
+from prospect_mailer.mailer import ProspectMailer
+from prospect_mailer.pipeline import ChunkRecords
+from prospect_mailer.relay_config import RelaySettings
+from prospect_mailer.store import ClaimRequest, Store, sqlite_url
+from prospect_mailer.store.writer_process import ProcessWriter
+from prospect_mailer.tokens import TokenSigner
+from prospect_mailer.transport import SMTPTransport
+
+MARIE, PAUL = "marie.curie@radium.example", "paul.langevin@radium.example"
+
+
+def mailer_for(store: Store, sink: SMTPTestServer) -> ProspectMailer:
+    return ProspectMailer(
+        store=store,
+        transport=SMTPTransport(sink.host, sink.port, timeout=5),
+        signer=TokenSigner([KEY]),
+        base_url=BASE,
+        mailto_domain=MAILTO_DOMAIN,
+        clock=lambda: NOW,
+    )
+
+
+def writer_of(store: Store) -> ProcessWriter:
+    writer = store._sends_writer
+    assert isinstance(writer, ProcessWriter)
+    return writer
+
+
+async def test_sends_are_committed_by_the_child_as_by_the_thread(
+    tmp_path: Path, smtpd_server: SMTPTestServer
+) -> None:
+    """The same rows as the writer thread writes: a claim per send, its pending and sent
+    records in one gap-free chain, the claim finished."""
+    async with Store.connect(sqlite_url(tmp_path / "pm.db"), writer_process=True) as store:
+        assert writer_of(store).pid != os.getpid()
+        await store.prospects.upsert_many([b2b(MARIE), b2b(PAUL, name="Paul Langevin")])
+        mailer = mailer_for(store, smtpd_server)
+        try:
+            outcomes = [o async for o in mailer.iter_send([b2b(MARIE), b2b(PAUL)], CAMPAIGN)]
+        finally:
+            await mailer.close()
+        assert [o.status for o in outcomes] == ["sent", "sent"]
+        assert len(smtpd_server.messages) == 2
+        events = await store.audit.events()
+        for o in outcomes:
+            mine = [e.status for e in events if e.send_id == o.send_id]
+            assert mine == ["pending", "sent"]
+        assert (await store.audit.verify()).ok
+        hashes = sorted({e.recipient_hash for e in events if e.recipient_hash})
+        statuses = await store.claims.statuses(CAMPAIGN.id, CAMPAIGN.step, hashes)
+        assert sorted(statuses.values()) == ["sent", "sent"]
+        # Sent again: the claims (made by the child) make both duplicates.
+        again = await mailer_for(store, smtpd_server).send(b2b(MARIE), CAMPAIGN)
+        assert again.status == "duplicate"
+        assert len(smtpd_server.messages) == 2
+
+
+async def test_a_child_that_ends_fails_every_send_closed(
+    tmp_path: Path, smtpd_server: SMTPTestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Killed (out of memory, by hand): nothing more is sent, the outcome and the log say
+    why, and the store still closes."""
+    async with Store.connect(sqlite_url(tmp_path / "pm.db"), writer_process=True) as store:
+        await store.prospects.upsert_many([b2b(MARIE)])
+        writer = writer_of(store)
+        os.kill(writer.pid, signal.SIGKILL)
+        for _ in range(200):  # the parent notices at once (its pipe closes)
+            if writer._ended is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert "exit code -9" in str(writer._ended)
+        mailer = mailer_for(store, smtpd_server)
+        try:
+            outcome = await mailer.send(b2b(MARIE), CAMPAIGN)
+        finally:
+            await mailer.close()
+        assert outcome.status == "failed"
+        assert "writer process ended unexpectedly" in outcome.detail
+        assert smtpd_server.messages == []
+        assert "sends are refused until the store is reopened" in caplog.text
+    # Reopened: a new child, and the send goes out.
+    async with Store.connect(sqlite_url(tmp_path / "pm.db"), writer_process=True) as store:
+        mailer = mailer_for(store, smtpd_server)
+        try:
+            assert (await mailer.send(b2b(MARIE), CAMPAIGN)).status == "sent"
+        finally:
+            await mailer.close()
+
+
+async def test_work_that_cannot_go_to_the_child_is_refused_alone(tmp_path: Path) -> None:
+    """A work that does not pickle (a lambda) is a StoreError for its callers; the child
+    goes on with the next one."""
+    async with Store.connect(sqlite_url(tmp_path / "pm.db"), writer_process=True) as store:
+        req = ClaimRequest("spring", 1, "a" * 64, "acme", "s1")
+        claimed, failed = await store.commit_sends([req], lambda rs: [], [], [])
+        assert isinstance(claimed, StoreError)
+        assert "cannot go to the writer process" in str(claimed)
+        assert failed is None
+        base = {"kind": "send", "campaign_id": "spring", "step": 1, "recipient_hash": "a" * 64}
+        records = ChunkRecords([], [({**base, "details": {}}, "s1", {}, "<m1@acme.example>")])
+        claimed, failed = await store.commit_sends([req], records, [], [])
+        assert not isinstance(claimed, Exception)
+        assert [c.claimed for c in claimed] == [True]
+        assert await store.claims.statuses("spring", 1, ["a" * 64]) == {"a" * 64: "pending"}
+        (pending,) = await store.audit.events()
+        assert (pending.send_id, pending.status, pending.message_id) == (
+            "s1",
+            "pending",
+            "<m1@acme.example>",
+        )
+
+
+async def test_closing_the_store_ends_the_child(tmp_path: Path) -> None:
+    store = await Store.open(sqlite_url(tmp_path / "pm.db"), writer_process=True)
+    writer = writer_of(store)
+    await store.close()
+    assert writer._proc.returncode == 0
+    with pytest.raises(StoreError, match="the store is closed"):
+        await writer.run("recording sends", ChunkRecords([], []))
+
+
+async def test_a_child_that_cannot_open_the_file_is_a_store_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="could not open"):
+        await ProcessWriter.start(str(tmp_path / "no-such-dir" / "pm.db"))
+
+
+def test_the_relay_setting() -> None:
+    assert RelaySettings().writer == "thread"
+    assert RelaySettings(writer="process").writer == "process"
+    with pytest.raises(ValueError, match="writer"):
+        RelaySettings(writer="fork")  # type: ignore[arg-type]
