@@ -543,3 +543,15 @@ async def test_a_malformed_record_fails_its_own_kind_only(tmp_path: Path, direct
             ("s1", "sent"),
         ]
         assert (await store.audit.verify()).ok
+
+
+async def test_the_writer_keeps_statement_journals_in_memory(tmp_path: Path) -> None:
+    """A savepoint or a multi-row statement needs a statement journal: in memory on the
+    writer's connection, not a temporary file created and unlinked in every transaction."""
+    async with Store.connect(sqlite_url(tmp_path / "pm.db")) as store:
+        writer = store.claims.direct
+        assert writer is not None
+        (mode,) = await writer.run(
+            "reading", lambda con: con.execute("PRAGMA temp_store").fetchone()
+        )
+        assert mode == 2  # MEMORY

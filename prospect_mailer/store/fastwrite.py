@@ -22,6 +22,11 @@ and at most every 2 ms, for the store's 10 s. Once it holds the write lock, no s
 transaction waits for another connection in WAL mode (the checkpoint after ``COMMIT`` is a
 passive one, which never does).
 
+Plus ``temp_store=MEMORY``: the statement journals of a savepoint or a multi-row statement
+stay in memory instead of a temporary file created, written and unlinked in each transaction
+(about 8 writes and 3 file operations a relayed message; the writer process's system CPU fell
+by 100-170 µs a message, three alternating pairs).
+
 Each statement is a round trip for the GIL: sqlite3 releases it while SQLite works, and the
 writer thread then waits to take it back from the event loop. So a transaction runs as few
 statements as it can, whatever the number of sends in it: the claims in one multi-row
@@ -185,6 +190,11 @@ class SQLiteWriter:
                 for name, value in SQLITE_PRAGMAS:
                     con.execute(f"PRAGMA {name}={value}")
                 con.execute("PRAGMA busy_timeout=0")  # _begin_immediate polls instead
+                # Statement journals (a savepoint, a multi-row statement that may fail
+                # half-way) in memory: on disk each transaction created, wrote and unlinked
+                # a temporary file in /var/tmp, about 8 writes a relayed message. Only this
+                # connection's small transactions use them; durability is the WAL's.
+                con.execute("PRAGMA temp_store=MEMORY")
             except sqlite3.Error:
                 con.close()
                 raise
