@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,36 +71,49 @@ async def test_sends_are_committed_by_the_child_as_by_the_thread(
         assert len(smtpd_server.messages) == 2
 
 
-async def test_a_child_that_ends_fails_every_send_closed(
-    tmp_path: Path, smtpd_server: SMTPTestServer, caplog: pytest.LogCaptureFixture
+async def test_a_child_that_ends_fails_its_commits_closed_and_is_started_again(
+    tmp_path: Path,
+    smtpd_server: SMTPTestServer,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Killed (out of memory, by hand): nothing more is sent, the outcome and the log say
-    why, and the store still closes."""
+    """A child that dies in a commit (killed, out of memory): that commit fails, so its
+    sends are not made; the next commit starts a new child, at most once a
+    RESTART_INTERVAL (until then sends fail closed, nothing delivered)."""
     async with Store.connect(sqlite_url(tmp_path / "pm.db"), writer_process=True) as store:
         await store.prospects.upsert_many([b2b(MARIE)])
         writer = writer_of(store)
-        os.kill(writer.pid, signal.SIGKILL)
-        for _ in range(200):  # the parent notices at once (its pipe closes)
-            if writer._ended is not None:
-                break
-            await asyncio.sleep(0.01)
-        assert "exit code -9" in str(writer._ended)
+        first = writer.pid
+        monkeypatch.setattr(ProcessWriter, "RESTART_INTERVAL", 3600.0)
+        # A work that ends the child in the middle of its transaction (SystemExit).
+        with pytest.raises(StoreError, match=r"ended unexpectedly \(exit code 1\)"):
+            await writer.run("recording sends", sys.exit)
+        assert "the commits in flight failed" in caplog.text
         mailer = mailer_for(store, smtpd_server)
         try:
-            outcome = await mailer.send(b2b(MARIE), CAMPAIGN)
-        finally:
-            await mailer.close()
-        assert outcome.status == "failed"
-        assert "writer process ended unexpectedly" in outcome.detail
-        assert smtpd_server.messages == []
-        assert "sends are refused until the store is reopened" in caplog.text
-    # Reopened: a new child, and the send goes out.
-    async with Store.connect(sqlite_url(tmp_path / "pm.db"), writer_process=True) as store:
-        mailer = mailer_for(store, smtpd_server)
-        try:
+            refused = await mailer.send(b2b(MARIE), CAMPAIGN)
+            assert refused.status == "failed"
+            assert "writer process ended unexpectedly" in refused.detail
+            assert smtpd_server.messages == []
+            # Killed from outside: noticed at once, and started again by the next commit.
+            monkeypatch.setattr(ProcessWriter, "RESTART_INTERVAL", 0.0)
             assert (await mailer.send(b2b(MARIE), CAMPAIGN)).status == "sent"
+            second = writer.pid
+            assert second != first
+            os.kill(second, signal.SIGKILL)
+            for _ in range(200):
+                if writer._ended is not None:
+                    break
+                await asyncio.sleep(0.01)
+            assert "exit code -9" in str(writer._ended)
+            await store.prospects.upsert_many([b2b(PAUL, name="Paul Langevin")])
+            assert (await mailer.send(b2b(PAUL), CAMPAIGN)).status == "sent"
+            assert writer.pid not in (first, second)
         finally:
             await mailer.close()
+        assert len(smtpd_server.messages) == 2
+        assert "the writer process was started again" in caplog.text
+        assert (await store.audit.verify()).ok
 
 
 async def test_work_that_cannot_go_to_the_child_is_refused_alone(tmp_path: Path) -> None:
@@ -132,6 +146,7 @@ async def test_closing_the_store_ends_the_child(tmp_path: Path) -> None:
     assert writer._proc.returncode == 0
     with pytest.raises(StoreError, match="the store is closed"):
         await writer.run("recording sends", ChunkRecords([], []))
+    assert writer._proc.returncode == 0  # not started again
 
 
 async def test_a_child_that_cannot_open_the_file_is_a_store_error(tmp_path: Path) -> None:

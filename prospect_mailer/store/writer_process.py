@@ -16,11 +16,12 @@ back in order. Only the send pipeline's group commit goes there (``Store.open(..
 writer_process=True)``); every other write keeps the writer thread, SQLite's write lock
 ordering them as it orders several processes.
 
-Failing closed: if the child ends (killed, out of memory), every waiting and later commit
-fails with :class:`~prospect_mailer.errors.StoreError`, so nothing more is sent (a claim not
-made is a send not made) and the log says why. A commit in flight when it ended may or may
-not have been written: SQLite's journal keeps the file whole either way, and the claim's
-state tells which. The child ignores SIGINT and SIGTERM, which reach a whole process group
+Failing closed: if the child ends (killed, out of memory), every commit waiting for it fails
+with :class:`~prospect_mailer.errors.StoreError`, so nothing is sent for those claims (a claim
+not made is a send not made), and the log says why. Such a commit may or may not have been
+written: SQLite's journal keeps the file whole either way, and the claim's state tells which.
+The next commit starts a new child (at most one start a second; until then commits fail the
+same way). The child ignores SIGINT and SIGTERM, which reach a whole process group
 (Ctrl-C, a service manager): it ends when the parent closes its end of the pipe, after the
 commits already sent to it.
 """
@@ -37,6 +38,7 @@ import signal
 import sqlite3
 import struct
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -71,13 +73,20 @@ class ProcessWriter:
     ``work`` must be picklable (plain data and a module-level callable).
     """
 
+    #: Seconds between two starts of the child: one that keeps dying is not restarted in a
+    #: loop (the commits meanwhile fail, closed).
+    RESTART_INTERVAL = 1.0
+
     def __init__(self, path: str, proc: asyncio.subprocess.Process) -> None:
         """Wrap a started child; use :meth:`start` instead."""
         self._path = path
         self._proc = proc
+        self._started_at = time.monotonic()
         self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
-        self._ended: str | None = None  # why no more work is taken
-        self._reader: asyncio.Task[None] | None = None
+        self._ended: str | None = None  # why the child takes no more work
+        self._closed = False
+        self._restarting = asyncio.Lock()
+        self._reader = asyncio.create_task(self._read(proc))
 
     @classmethod
     async def start(cls, path: str) -> ProcessWriter:
@@ -86,35 +95,7 @@ class ProcessWriter:
         Raises:
             StoreError: the child could not be started or could not open the database.
         """
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p
-        )
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-c",
-                _CHILD,
-                path,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                env=env,
-            )
-        except OSError as exc:
-            raise StoreError(f"could not start the writer process: {exc}") from exc
-        writer = cls(path, proc)
-        try:
-            ok, value = await asyncio.wait_for(writer._frame(), START_TIMEOUT)
-        except (TimeoutError, asyncio.IncompleteReadError, OSError, pickle.UnpicklingError) as exc:
-            proc.kill()
-            code = await proc.wait()
-            reason = "timed out" if isinstance(exc, TimeoutError) else f"exit code {code}"
-            raise StoreError(f"the writer process did not start ({reason})") from exc
-        if not ok:
-            await writer._stop()
-            raise StoreError(f"the writer process could not open {path}: {value}")
-        writer._reader = asyncio.create_task(writer._read())
-        return writer
+        return cls(path, await _spawn(path))
 
     @property
     def pid(self) -> int:
@@ -124,45 +105,58 @@ class ProcessWriter:
     async def run(self, what: str, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work(connection)`` in one transaction in the child.
 
+        A child that ended is started again first (at most once a :attr:`RESTART_INTERVAL`).
+
         Raises:
-            StoreError: the database failed, ``work`` could not be pickled, or the child has
-                ended (nothing is written then, or, for a commit in flight as it ended,
-                perhaps all of it).
+            StoreError: the database failed, ``work`` could not be pickled, the store is
+                closed, or the child ended (nothing is written then, or, for a commit in
+                flight as it ended, perhaps all of it) and could not be started again.
             InvalidInputError: raised by ``work`` (nothing is written).
         """
+        if self._closed:
+            raise StoreError(f"{what} failed: the store is closed")
         if self._ended is not None:
-            raise StoreError(f"{what} failed: {self._ended}")
+            await self._restart(what)
         try:
             data = pickle.dumps((what, work), protocol=pickle.HIGHEST_PROTOCOL)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             raise StoreError(
                 f"{what} failed: the work cannot go to the writer process: {exc}"
             ) from exc
-        stdin = self._proc.stdin
-        assert stdin is not None
+        proc = self._proc
+        assert proc.stdin is not None
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._waiting.append(future)
         try:
-            stdin.write(_HEADER.pack(len(data)) + data)
-            await stdin.drain()
-        except (ConnectionError, OSError) as exc:
-            self._end(f"the writer process is gone ({exc})")
+            proc.stdin.write(_HEADER.pack(len(data)) + data)
+            await proc.stdin.drain()
+        except (ConnectionError, OSError):
+            proc.kill()  # its reader sees the end and fails every waiting commit
         return await future
 
-    async def _frame(self) -> tuple[bool, Any]:
-        stdout = self._proc.stdout
-        assert stdout is not None
-        (size,) = _HEADER.unpack(await stdout.readexactly(_HEADER.size))
-        answer = pickle.loads(await stdout.readexactly(size))  # noqa: S301 - our own child
-        if not (isinstance(answer, tuple) and len(answer) == 2):
-            raise pickle.UnpicklingError("not an answer")
-        return bool(answer[0]), answer[1]
+    async def _restart(self, what: str) -> None:
+        async with self._restarting:
+            if self._ended is None or self._closed:
+                return  # another commit restarted it meanwhile (or the store closed)
+            if time.monotonic() - self._started_at < self.RESTART_INTERVAL:
+                raise StoreError(f"{what} failed: {self._ended}")
+            self._started_at = time.monotonic()
+            try:
+                proc = await _spawn(self._path)
+            except StoreError as exc:
+                raise StoreError(f"{what} failed: {self._ended}; {exc}") from exc
+            if self._closed:  # closed while it started
+                await _stop(proc)
+                raise StoreError(f"{what} failed: the store is closed")
+            self._proc, self._ended = proc, None
+            self._reader = asyncio.create_task(self._read(proc))
+            log.warning("the writer process was started again (pid %d)", proc.pid)
 
-    async def _read(self) -> None:
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
         reason = "the writer process ended"
         try:
             while True:
-                ok, value = await self._frame()
+                ok, value = await _frame(proc)
                 if not self._waiting:
                     raise pickle.UnpicklingError("an answer nobody waits for")
                 future = self._waiting.popleft()
@@ -173,21 +167,25 @@ class ProcessWriter:
                 else:
                     future.set_exception(value)
         except asyncio.IncompleteReadError:
-            if self._ended is None:
-                code = await self._proc.wait()
+            code = await proc.wait()
+            if not self._closed:
                 reason = f"the writer process ended unexpectedly (exit code {code})"
         except (OSError, pickle.UnpicklingError, EOFError) as exc:
             reason = f"the writer process answered wrongly: {exc}"
-            self._proc.kill()
+            proc.kill()
         finally:
             self._end(reason)
 
     def _end(self, reason: str) -> None:
-        """No more work: fail every caller still waiting (fail closed)."""
+        """The child takes no more work: fail every commit still waiting (fail closed)."""
         if self._ended is None:
             self._ended = reason
-            if reason != "the store is closed":
-                log.error("%s: sends are refused until the store is reopened", reason)
+            if not self._closed:
+                log.error(
+                    "%s: the commits in flight failed (nothing sent for their claims); "
+                    "the next commit starts it again",
+                    reason,
+                )
         while self._waiting:
             future = self._waiting.popleft()
             if not future.done():
@@ -195,24 +193,66 @@ class ProcessWriter:
 
     async def close(self) -> None:
         """Let the child finish the work sent to it and end. Idempotent."""
-        if self._ended is None:
-            self._ended = "the store is closed"
-        await self._stop()
-        if self._reader is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        self._closed = True
+        async with self._restarting:  # not while a restart is under way
+            await _stop(self._proc)
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
         self._end("the store is closed")
 
-    async def _stop(self) -> None:
-        stdin = self._proc.stdin
-        if stdin is not None and not stdin.is_closing():
-            stdin.close()
-        try:
-            await asyncio.wait_for(self._proc.wait(), STOP_TIMEOUT)
-        except TimeoutError:
-            log.error("the writer process did not end within %.0f s: killed", STOP_TIMEOUT)
-            self._proc.kill()
-            await self._proc.wait()
+
+async def _spawn(path: str) -> asyncio.subprocess.Process:
+    """Start a child for ``path``; returns once it has opened the database.
+
+    Raises:
+        StoreError: it could not be started or could not open the database.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _CHILD,
+            path,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+        )
+    except OSError as exc:
+        raise StoreError(f"could not start the writer process: {exc}") from exc
+    try:
+        ok, value = await asyncio.wait_for(_frame(proc), START_TIMEOUT)
+    except (TimeoutError, asyncio.IncompleteReadError, OSError, pickle.UnpicklingError) as exc:
+        proc.kill()
+        code = await proc.wait()
+        reason = "timed out" if isinstance(exc, TimeoutError) else f"exit code {code}"
+        raise StoreError(f"the writer process did not start ({reason})") from exc
+    if not ok:
+        await _stop(proc)
+        raise StoreError(f"the writer process could not open {path}: {value}")
+    return proc
+
+
+async def _frame(proc: asyncio.subprocess.Process) -> tuple[bool, Any]:
+    assert proc.stdout is not None
+    (size,) = _HEADER.unpack(await proc.stdout.readexactly(_HEADER.size))
+    answer = pickle.loads(await proc.stdout.readexactly(size))  # noqa: S301 - our own child
+    if not (isinstance(answer, tuple) and len(answer) == 2):
+        raise pickle.UnpicklingError("not an answer")
+    return bool(answer[0]), answer[1]
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    """Close the child's input (it ends after the work already sent) and wait for it."""
+    if proc.stdin is not None and not proc.stdin.is_closing():
+        proc.stdin.close()
+    try:
+        await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+    except TimeoutError:
+        log.error("the writer process did not end within %.0f s: killed", STOP_TIMEOUT)
+        proc.kill()
+        await proc.wait()
 
 
 def _answer(out: BinaryIO, ok: bool, value: object) -> None:
