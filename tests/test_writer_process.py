@@ -17,7 +17,7 @@ from prospect_mailer.errors import StoreError
 from prospect_mailer.mailer import ProspectMailer
 from prospect_mailer.pipeline import ChunkRecords
 from prospect_mailer.relay_config import RelaySettings
-from prospect_mailer.store import ClaimRequest, Store, sqlite_url
+from prospect_mailer.store import ClaimRequest, ClaimResult, Store, sqlite_url
 from prospect_mailer.store.writer_process import ProcessWriter
 from prospect_mailer.tokens import TokenSigner
 from prospect_mailer.transport import SMTPTransport
@@ -113,6 +113,45 @@ async def test_a_child_that_ends_fails_its_commits_closed_and_is_started_again(
             await mailer.close()
         assert len(smtpd_server.messages) == 2
         assert "the writer process was started again" in caplog.text
+        assert (await store.audit.verify()).ok
+
+
+async def test_commits_in_flight_as_the_child_dies_all_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forty commits from concurrent sends, the child killed among them: each one either
+    commits (and is then durable) or fails with a StoreError; none waits for ever."""
+    monkeypatch.setattr(ProcessWriter, "RESTART_INTERVAL", 0.0)
+    async with Store.connect(sqlite_url(tmp_path / "pm.db"), writer_process=True) as store:
+        writer = writer_of(store)
+
+        async def commit(i: int) -> list[ClaimResult] | Exception:
+            rh = f"{i:064x}"
+            base = {"kind": "send", "campaign_id": "spring", "step": 1, "recipient_hash": rh}
+            records = ChunkRecords([], [({**base, "details": {}}, f"s{i}", {}, None)])
+            await asyncio.sleep(0.002 * i)
+            claimed, _ = await store.commit_sends(
+                [ClaimRequest("spring", 1, rh, "acme", f"s{i}")], records, [], []
+            )
+            return claimed
+
+        async def kill() -> None:
+            await asyncio.sleep(0.03)
+            while not writer._waiting:  # a commit sent and not answered yet
+                await asyncio.sleep(0)
+            os.kill(writer.pid, signal.SIGKILL)
+
+        *results, _ = await asyncio.wait_for(
+            asyncio.gather(*(commit(i) for i in range(40)), kill()), 30
+        )
+        committed = [i for i, r in enumerate(results) if not isinstance(r, Exception)]
+        failed = [r for r in results if isinstance(r, Exception)]
+        assert all(isinstance(r, StoreError) for r in failed), failed
+        assert committed  # before the kill, or after the restart
+        assert failed  # in flight as it died
+        hashes = [f"{i:064x}" for i in committed]
+        statuses = await store.claims.statuses("spring", 1, hashes)
+        assert set(statuses) == set(hashes)  # every commit reported is durable
         assert (await store.audit.verify()).ok
 
 

@@ -113,16 +113,16 @@ class ProcessWriter:
                 flight as it ended, perhaps all of it) and could not be started again.
             InvalidInputError: raised by ``work`` (nothing is written).
         """
-        if self._closed:
-            raise StoreError(f"{what} failed: the store is closed")
-        if self._ended is not None:
-            await self._restart(what)
+        if self._ended is not None or self._closed:
+            await self._restart(what)  # a live child afterwards, or StoreError
         try:
             data = pickle.dumps((what, work), protocol=pickle.HIGHEST_PROTOCOL)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             raise StoreError(
                 f"{what} failed: the work cannot go to the writer process: {exc}"
             ) from exc
+        if self._ended is not None or self._closed:  # ended meanwhile: nobody would answer
+            raise StoreError(f"{what} failed: {self._ended or 'the store is closed'}")
         proc = self._proc
         assert proc.stdin is not None
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -136,8 +136,10 @@ class ProcessWriter:
 
     async def _restart(self, what: str) -> None:
         async with self._restarting:
-            if self._ended is None or self._closed:
-                return  # another commit restarted it meanwhile (or the store closed)
+            if self._closed:
+                raise StoreError(f"{what} failed: the store is closed")
+            if self._ended is None:
+                return  # another commit started it again meanwhile
             if time.monotonic() - self._started_at < self.RESTART_INTERVAL:
                 raise StoreError(f"{what} failed: {self._ended}")
             self._started_at = time.monotonic()
