@@ -4,6 +4,7 @@ a SQLite file, the child started by the store, an aiosmtpd sink upstream."""
 from __future__ import annotations
 
 import asyncio
+import operator
 import os
 import signal
 import sys
@@ -23,6 +24,11 @@ from prospect_mailer.tokens import TokenSigner
 from prospect_mailer.transport import SMTPTransport
 
 MARIE, PAUL = "marie.curie@radium.example", "paul.langevin@radium.example"
+#: A query that keeps SQLite busy for seconds.
+SLOW_QUERY = (
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 200000000) "
+    "SELECT count(*) FROM c"
+)
 
 
 def mailer_for(store: Store, sink: SMTPTestServer) -> ProspectMailer:
@@ -119,8 +125,9 @@ async def test_a_child_that_ends_fails_its_commits_closed_and_is_started_again(
 async def test_commits_in_flight_as_the_child_dies_all_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Forty commits from concurrent sends, the child killed among them: each one either
-    commits (and is then durable) or fails with a StoreError; none waits for ever."""
+    """Forty commits from concurrent sends, the child killed among them, in the middle of a
+    long transaction: each commit either commits (and is then durable) or fails with a
+    StoreError; none waits for ever, and those after the death go to a new child."""
     monkeypatch.setattr(ProcessWriter, "RESTART_INTERVAL", 0.0)
     async with Store.connect(sqlite_url(tmp_path / "pm.db"), writer_process=True) as store:
         writer = writer_of(store)
@@ -129,26 +136,31 @@ async def test_commits_in_flight_as_the_child_dies_all_end(
             rh = f"{i:064x}"
             base = {"kind": "send", "campaign_id": "spring", "step": 1, "recipient_hash": rh}
             records = ChunkRecords([], [({**base, "details": {}}, f"s{i}", {}, None)])
-            await asyncio.sleep(0.002 * i)
+            await asyncio.sleep(0.01 * i)
             claimed, _ = await store.commit_sends(
                 [ClaimRequest("spring", 1, rh, "acme", f"s{i}")], records, [], []
             )
             return claimed
 
-        async def kill() -> None:
-            await asyncio.sleep(0.03)
-            while not writer._waiting:  # a commit sent and not answered yet
-                await asyncio.sleep(0)
+        async def slow_then_killed() -> None:
+            await asyncio.sleep(0.05)
+            # Seconds of work in the child's transaction (a picklable call on the connection).
+            slow = operator.methodcaller("execute", SLOW_QUERY)
+            running = asyncio.ensure_future(writer.run("a long transaction", slow))
+            await asyncio.sleep(0.15)
             os.kill(writer.pid, signal.SIGKILL)
+            with pytest.raises(StoreError, match="ended unexpectedly"):
+                await running
 
         *results, _ = await asyncio.wait_for(
-            asyncio.gather(*(commit(i) for i in range(40)), kill()), 30
+            asyncio.gather(*(commit(i) for i in range(40)), slow_then_killed()), 60
         )
         committed = [i for i, r in enumerate(results) if not isinstance(r, Exception)]
-        failed = [r for r in results if isinstance(r, Exception)]
-        assert all(isinstance(r, StoreError) for r in failed), failed
-        assert committed  # before the kill, or after the restart
-        assert failed  # in flight as it died
+        failed = [i for i, r in enumerate(results) if isinstance(r, Exception)]
+        assert all(isinstance(results[i], StoreError) for i in failed)
+        assert failed  # queued behind the long transaction as the child died
+        assert committed[0] == 0  # before it
+        assert committed[-1] == 39  # after it, in a new child
         hashes = [f"{i:064x}" for i in committed]
         statuses = await store.claims.statuses("spring", 1, hashes)
         assert set(statuses) == set(hashes)  # every commit reported is durable
