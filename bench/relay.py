@@ -147,7 +147,7 @@ def serving(
             cmd = [sys.executable, "-m", "bench.bare_proxy", str(port), str(sink_port), loop]
         else:
             db = str(Path(tmp) / "relay.db")
-            writer = "thread" if kind == "ours-thread" else "process"  # the relay's default
+            writer = "process" if kind == "ours-process" else "thread"  # the relay's default
             cmd = [sys.executable, "-m", "bench.relay_server", db, str(port), str(sink_port),
                    str(prospects), str(workers), writer]  # fmt: skip
         server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -175,7 +175,7 @@ def run(
     who = {
         "bare": "bare proxy",
         "bare-uvloop": "bare proxy on uvloop",
-        "ours-thread": f"prospect-mailer relay ({RELAY_LOOP}, writer thread)",
+        "ours-process": f"prospect-mailer relay ({RELAY_LOOP}, writer process)",
     }.get(kind, f"prospect-mailer relay ({RELAY_LOOP})")
     if workers > 1:
         who += f" x{workers} workers"
@@ -237,7 +237,7 @@ def main() -> None:
                 if RELAY_LOOP == "uvloop":  # the same proxy on uvloop, for comparison only
                     ways.append(("bare-uvloop", 1))
                 ways += [("ours", workers) for workers in sorted({1, a.workers})]
-                ways += [("ours-thread", workers) for workers in sorted({1, a.workers})]
+                ways += [("ours-process", workers) for workers in sorted({1, a.workers})]
                 rounds: dict[tuple[str, int], list[Result]] = {way: [] for way in ways}
                 for i in range(a.rounds):
                     turn = i % len(ways)

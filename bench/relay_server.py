@@ -1,7 +1,7 @@
 """The prospect-mailer relay for the benchmark, on a prepared store.
 
 ``python -m bench.relay_server DB LISTEN_PORT UPSTREAM_PORT PROSPECTS [WORKERS [WRITER]]``
-(WRITER ``process``, the relay's default, or ``thread``: its ``writer`` setting) registers
+(WRITER ``thread``, the relay's default, or ``process``: its ``writer`` setting) registers
 campaign ``bench`` (bound to the sender ``ventes@acme.example``) and prospects
 ``{i}to@x.example`` (what ``smtp-source -N -t to@x.example`` sends to), then relays to the
 upstream, in one process or in WORKERS processes sharing the port (``[relay] workers``).
@@ -95,5 +95,5 @@ def main(db: str, listen: int, upstream: int, prospects: int, workers: int, writ
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    args += ["1", "process"][len(args) - 4 :]  # WORKERS and WRITER by default
+    args += ["1", "thread"][len(args) - 4 :]  # WORKERS and WRITER by default
     sys.exit(main(args[0], int(args[1]), int(args[2]), int(args[3]), int(args[4]), args[5]))

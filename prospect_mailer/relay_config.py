@@ -121,10 +121,10 @@ class RelaySettings(BaseModel):
         event_loop: ``auto`` (uvloop when installed: ``pip install 'prospect-mailer[fast]'``,
             else asyncio's own), ``asyncio`` or ``uvloop`` (an error if not installed).
         writer: where a SQLite store's send commits (claims, results, their audit records)
-            run: ``process`` (the default: a child process per worker, off the event loop's
-            GIL; see :mod:`prospect_mailer.store.writer_process`) or ``thread`` (a thread of
-            the relay process: one process less, about 70 MB less memory, a slower relay).
-            No effect on PostgreSQL.
+            run: ``thread`` (the default: a thread of the relay process) or ``process`` (a
+            child process per worker, off the event loop's GIL: faster with one worker, slower
+            so far with several; about 70 MB more memory each; see
+            :mod:`prospect_mailer.store.writer_process`). No effect on PostgreSQL.
         dkim_key, dkim_selector, dkim_domain: sign every message after injection (needs the
             ``dkim`` extra); ``h=`` always covers List-Unsubscribe and List-Unsubscribe-Post.
     """
@@ -150,7 +150,7 @@ class RelaySettings(BaseModel):
     shutdown_grace: float = Field(default=30.0, ge=0)
     workers: int = Field(default=1, ge=1, le=64)
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
-    writer: Literal["thread", "process"] = "process"
+    writer: Literal["thread", "process"] = "thread"
     dkim_key: Path | None = None
     dkim_selector: str | None = None
     dkim_domain: str | None = None

@@ -206,7 +206,7 @@ async def test_a_child_that_cannot_open_the_file_is_a_store_error(tmp_path: Path
 
 
 def test_the_relay_setting() -> None:
-    assert RelaySettings().writer == "process"
-    assert RelaySettings(writer="thread").writer == "thread"
+    assert RelaySettings().writer == "thread"
+    assert RelaySettings(writer="process").writer == "process"
     with pytest.raises(ValueError, match="writer"):
         RelaySettings(writer="fork")  # type: ignore[arg-type]
