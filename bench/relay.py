@@ -147,7 +147,9 @@ def serving(
             cmd = [sys.executable, "-m", "bench.bare_proxy", str(port), str(sink_port), loop]
         else:
             db = str(Path(tmp) / "relay.db")
-            writer = "process" if kind == "ours-process" else "thread"  # the relay's default
+            # Named, not "auto" (the relay's default: process with one worker, else thread),
+            # so that each row says which it measured.
+            writer = "process" if kind == "ours-process" else "thread"
             cmd = [sys.executable, "-m", "bench.relay_server", db, str(port), str(sink_port),
                    str(prospects), str(workers), writer]  # fmt: skip
         server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -176,7 +178,7 @@ def run(
         "bare": "bare proxy",
         "bare-uvloop": "bare proxy on uvloop",
         "ours-process": f"prospect-mailer relay ({RELAY_LOOP}, writer process)",
-    }.get(kind, f"prospect-mailer relay ({RELAY_LOOP})")
+    }.get(kind, f"prospect-mailer relay ({RELAY_LOOP}, writer thread)")
     if workers > 1:
         who += f" x{workers} workers"
     name = f"{who} {msg.stem[8:]} " + ("reused sessions" if reuse else "new sessions")

@@ -1,7 +1,7 @@
 """The prospect-mailer relay for the benchmark, on a prepared store.
 
 ``python -m bench.relay_server DB LISTEN_PORT UPSTREAM_PORT PROSPECTS [WORKERS [WRITER]]``
-(WRITER ``thread``, the relay's default, or ``process``: its ``writer`` setting) registers
+(WRITER ``thread`` or ``process``: the relay's ``writer`` setting) registers
 campaign ``bench`` (bound to the sender ``ventes@acme.example``) and prospects
 ``{i}to@x.example`` (what ``smtp-source -N -t to@x.example`` sends to), then relays to the
 upstream, in one process or in WORKERS processes sharing the port (``[relay] workers``).

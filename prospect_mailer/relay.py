@@ -346,7 +346,7 @@ class RelayServer:
         campaigns = (
             await asyncio.to_thread(load_campaign_dir, r.campaigns_dir) if r.campaigns_dir else []
         )
-        store = await Store.open(settings.database_url, writer_process=r.writer == "process")
+        store = await Store.open(settings.database_url, writer_process=r.writer_process)
         try:
             await register_campaigns(store, campaigns)
         except BaseException:

@@ -121,10 +121,11 @@ class RelaySettings(BaseModel):
         event_loop: ``auto`` (uvloop when installed: ``pip install 'prospect-mailer[fast]'``,
             else asyncio's own), ``asyncio`` or ``uvloop`` (an error if not installed).
         writer: where a SQLite store's send commits (claims, results, their audit records)
-            run: ``thread`` (the default: a thread of the relay process) or ``process`` (a
-            child process per worker, off the event loop's GIL: faster with one worker, slower
-            so far with several; about 70 MB more memory each; see
-            :mod:`prospect_mailer.store.writer_process`). No effect on PostgreSQL.
+            run: ``thread`` (a thread of the relay process), ``process`` (a child process per
+            worker, off the event loop's GIL; about 70 MB more memory each; see
+            :mod:`prospect_mailer.store.writer_process`) or ``auto`` (the default: ``process``
+            with one worker, where it is faster, ``thread`` with several, where two children
+            contending for the write lock cost more CPU). No effect on PostgreSQL.
         dkim_key, dkim_selector, dkim_domain: sign every message after injection (needs the
             ``dkim`` extra); ``h=`` always covers List-Unsubscribe and List-Unsubscribe-Post.
     """
@@ -150,10 +151,15 @@ class RelaySettings(BaseModel):
     shutdown_grace: float = Field(default=30.0, ge=0)
     workers: int = Field(default=1, ge=1, le=64)
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
-    writer: Literal["thread", "process"] = "thread"
+    writer: Literal["auto", "thread", "process"] = "auto"
     dkim_key: Path | None = None
     dkim_selector: str | None = None
     dkim_domain: str | None = None
+
+    @property
+    def writer_process(self) -> bool:
+        """Whether the send commits run in a child process (``writer``, ``auto`` resolved)."""
+        return self.writer == "process" or (self.writer == "auto" and self.workers == 1)
 
     @field_validator("listen")
     @classmethod

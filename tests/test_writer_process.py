@@ -206,7 +206,10 @@ async def test_a_child_that_cannot_open_the_file_is_a_store_error(tmp_path: Path
 
 
 def test_the_relay_setting() -> None:
-    assert RelaySettings().writer == "thread"
-    assert RelaySettings(writer="process").writer == "process"
+    assert RelaySettings().writer == "auto"
+    assert RelaySettings().writer_process  # one worker: the child
+    assert not RelaySettings(workers=2).writer_process  # several: a thread each
+    assert RelaySettings(workers=2, writer="process").writer_process
+    assert not RelaySettings(writer="thread").writer_process
     with pytest.raises(ValueError, match="writer"):
         RelaySettings(writer="fork")  # type: ignore[arg-type]
