@@ -190,6 +190,31 @@ async def test_work_that_cannot_go_to_the_child_is_refused_alone(tmp_path: Path)
         )
 
 
+class OnlyHere:
+    """A work the child cannot unpickle: it lives in this test module, not in the package."""
+
+    def __call__(self, con: object) -> None:
+        raise AssertionError("never run")
+
+
+async def test_work_the_child_cannot_unpickle_is_answered_and_the_child_goes_on(
+    tmp_path: Path,
+) -> None:
+    async with Store.connect(sqlite_url(tmp_path / "pm.db"), writer_process=True) as store:
+        writer = writer_of(store)
+        pid = writer.pid
+        with pytest.raises(ModuleNotFoundError, match="test_writer_process"):
+            await writer.run("recording sends", OnlyHere())
+        req = ClaimRequest("spring", 1, "b" * 64, "acme", "s2")
+        claimed, failed = await store.commit_sends(
+            [req], ChunkRecords([], [({"kind": "send", "details": {}}, "s2", {}, None)]), [], []
+        )
+        assert failed is None
+        assert not isinstance(claimed, Exception)
+        assert [c.claimed for c in claimed] == [True]
+        assert writer.pid == pid  # the same child
+
+
 async def test_closing_the_store_ends_the_child(tmp_path: Path) -> None:
     store = await Store.open(sqlite_url(tmp_path / "pm.db"), writer_process=True)
     writer = writer_of(store)

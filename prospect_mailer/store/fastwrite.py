@@ -215,14 +215,11 @@ class SQLiteWriter:
 
     def transaction(self, what: str, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work(connection)`` in one transaction in the calling thread (the writer
-        process's loop; elsewhere use :meth:`run`).
+        thread, through :meth:`run`, or the writer process's loop).
 
         Raises:
             StoreError: the database failed or the writer is closed (nothing is written).
         """
-        return self._transaction(what, work)
-
-    def _transaction(self, what: str, work: Callable[[sqlite3.Connection], T]) -> T:
         with self._lock:
             if self._closed:
                 raise StoreError(f"{what} failed: the store is closed")
@@ -250,7 +247,7 @@ class SQLiteWriter:
             raise StoreError(f"{what} failed: the store is closed")
         loop = asyncio.get_running_loop()
         try:
-            job = loop.run_in_executor(self._pool, self._transaction, what, work)
+            job = loop.run_in_executor(self._pool, self.transaction, what, work)
         except RuntimeError as exc:  # closed between the check above and now
             raise StoreError(f"{what} failed: the store is closed") from exc
         return await job
@@ -265,7 +262,7 @@ class SQLiteWriter:
         self._pool.shutdown(wait=False)
 
 
-# -- the statements (run in the writer thread, inside SQLiteWriter._transaction) ------------------
+# -- the statements (run in the writer thread, inside SQLiteWriter.transaction) -------------------
 
 
 @dataclass(frozen=True, slots=True)

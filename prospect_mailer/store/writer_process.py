@@ -285,13 +285,13 @@ def main(argv: list[str]) -> int:
     _answer(out, True, None)
     try:
         while head := inp.read(_HEADER.size):
-            (size,) = _HEADER.unpack(head)
-            body = inp.read(size)
-            if len(head) != _HEADER.size or len(body) != size:
+            size = _HEADER.unpack(head)[0] if len(head) == _HEADER.size else -1
+            body = inp.read(size) if size >= 0 else b""
+            if size < 0 or len(body) != size:
                 print("writer process: truncated request", file=sys.stderr)
                 return 1
-            what, work = pickle.loads(body)  # noqa: S301 - from our own parent
             try:
+                what, work = pickle.loads(body)  # noqa: S301 - from our own parent
                 result = writer.transaction(what, work)
             except Exception as exc:
                 _answer(out, False, exc)
