@@ -70,7 +70,7 @@ test: sysdeps lint typecheck pytest wheel-check
 # random ones), and the instruction counts under valgrind, about 5 minutes more).
 bench: bench-tools
 	$(BIN)/python -m bench.library --messages 1000 --sizes 2k,100k
-	$(BIN)/python -m bench.relay --messages 500 --sizes 2k,100k,5m --workers 1
+	$(BIN)/python -m bench.relay --messages 500 --sizes 2k,100k,5m --workers 1 --writers process
 	$(BIN)/python -m bench.suppression --entries 10000000 --batches 30 --singles 1000
 	$(BIN)/python -m bench.audit --records 20000
 	$(BIN)/python -m bench.mime --calls 500 --sizes 2k --kinds stdlib,bytes,full,relay

@@ -217,8 +217,16 @@ def main() -> None:
         default=3,
         help="runs of each server per configuration, taking turns; the median is shown",
     )
+    ap.add_argument(
+        "--writers",
+        default="thread,process",
+        help="the relay's writer settings to run it with (thread, process): each a row",
+    )
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "relay.json")
     a = ap.parse_args()
+    writers = a.writers.split(",")
+    if not writers or set(writers) - {"thread", "process"}:
+        ap.error(f"--writers takes thread and/or process, not {a.writers!r}")
     if a.rounds < 1:
         ap.error("--rounds must be at least 1")
     if not (shutil.which("smtp-source") or Path("/usr/sbin/smtp-source").exists()):
@@ -227,7 +235,7 @@ def main() -> None:
         )
     (ROOT / "bench" / ".cache").mkdir(parents=True, exist_ok=True)
     results = []
-    with tempfile.TemporaryDirectory() as tmp, smtp_sink() as (sink_port, kind):
+    with tempfile.TemporaryDirectory() as tmp, smtp_sink() as (sink_port, sink_kind):
         for size in a.sizes.split(","):
             msg = message_file(Path(tmp), size)
             n = {"2k": a.messages, "100k": max(100, a.messages // 4)}.get(
@@ -238,8 +246,9 @@ def main() -> None:
                 ways: list[tuple[str, int]] = [("bare", 1)]
                 if RELAY_LOOP == "uvloop":  # the same proxy on uvloop, for comparison only
                     ways.append(("bare-uvloop", 1))
-                ways += [("ours", workers) for workers in sorted({1, a.workers})]
-                ways += [("ours-process", workers) for workers in sorted({1, a.workers})]
+                for writer in writers:
+                    ours = "ours-process" if writer == "process" else "ours"
+                    ways += [(ours, workers) for workers in sorted({1, a.workers})]
                 rounds: dict[tuple[str, int], list[Result]] = {way: [] for way in ways}
                 for i in range(a.rounds):
                     turn = i % len(ways)
@@ -254,7 +263,7 @@ def main() -> None:
                         row.baseline = base.name
                     results.append(row)
     print_table(
-        f"Relay: smtp-source -> server -> {kind} ({a.sessions} client sessions at once)",
+        f"Relay: smtp-source -> server -> {sink_kind} ({a.sessions} client sessions at once)",
         results,
         a.json,
     )
