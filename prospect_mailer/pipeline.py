@@ -92,9 +92,7 @@ class Pipeline:
         self.concurrency = concurrency
         # Shared by every send of this pipeline, so concurrent sends (the relay's sessions,
         # several send_many calls) share transactions too.
-        self._commits: SendCommits[ClaimBatch, list[ClaimResult]] = SendCommits(
-            self._commit_sends, store.send_commits_in_flight
-        )
+        self._commits: SendCommits[ClaimBatch, list[ClaimResult]] = SendCommits(self._commit_sends)
 
     async def run(
         self,

@@ -118,23 +118,16 @@ class SendCommits(Generic[Claim, ClaimRes]):
     while one commit runs (claims before sending, results after) goes into the next single
     call of ``commit`` (on a SQLite file: one transaction, one ``fsync``, for both kinds).
 
-    ``in_flight`` commits may run at once (``Store.send_commits_in_flight``: more than one
-    only with a writer that merges the commits queued to it, the writer process); a commit
-    that ends takes whatever was queued meanwhile, until nothing is.
-
     Each caller resumes only once its own items are durable. A batch's claims and results
     can fail apart (see :meth:`~prospect_mailer.store.Store.commit_sends`); an error reaches
     every caller of the kind that failed. The database still decides everything.
     """
 
-    def __init__(self, commit: SendCommit[Claim, ClaimRes], in_flight: int = 1) -> None:
-        if in_flight < 1:
-            raise ValueError(f"in_flight must be at least 1, not {in_flight}")
+    def __init__(self, commit: SendCommit[Claim, ClaimRes]) -> None:
         self._commit = commit
-        self._in_flight = in_flight
         self._claims: list[tuple[Claim, asyncio.Future[ClaimRes]]] = []
         self._results: list[tuple[tuple[FinishRequest, AuditEvent], asyncio.Future[None]]] = []
-        self._tasks: list[asyncio.Task[None]] = []
+        self._task: asyncio.Task[None] | None = None
 
     async def claim(self, item: Claim) -> ClaimRes:
         """Commit ``item`` (a chunk's claims) with whatever else is queued; its result."""
@@ -149,11 +142,8 @@ class SendCommits(Generic[Claim, ClaimRes]):
         await self._wait(future)
 
     async def _wait(self, future: asyncio.Future[T]) -> T:
-        # A commit of its own if fewer than ``in_flight`` run; else the next one of a running
-        # commit's loop takes it.
-        self._tasks = [t for t in self._tasks if not t.done()]
-        if len(self._tasks) < self._in_flight:
-            self._tasks.append(asyncio.ensure_future(self._drain()))
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._drain())
         # Shielded: a cancelled caller does not cancel the commit others wait for.
         return await asyncio.shield(future)
 

@@ -4,12 +4,9 @@ a SQLite file, the child started by the store, an aiosmtpd sink upstream."""
 from __future__ import annotations
 
 import asyncio
-import io
 import operator
 import os
-import pickle
 import signal
-import sqlite3
 import sys
 from pathlib import Path
 
@@ -19,12 +16,10 @@ from smtp_fixtures import SMTPTestServer
 
 from prospect_mailer.errors import StoreError
 from prospect_mailer.mailer import ProspectMailer
-from prospect_mailer.pipeline import BatchRecords, ChunkRecords
+from prospect_mailer.pipeline import ChunkRecords
 from prospect_mailer.relay_config import RelaySettings
-from prospect_mailer.sendplan import SendCommits
-from prospect_mailer.store import ClaimRequest, ClaimResult, Store, fastwrite, sqlite_url
-from prospect_mailer.store.fastwrite import SendsCommit, SQLiteWriter
-from prospect_mailer.store.writer_process import _HEADER, ProcessWriter, _Requests, _serve
+from prospect_mailer.store import ClaimRequest, ClaimResult, Store, sqlite_url
+from prospect_mailer.store.writer_process import ProcessWriter
 from prospect_mailer.tokens import TokenSigner
 from prospect_mailer.transport import SMTPTransport
 
@@ -243,153 +238,3 @@ def test_the_relay_setting() -> None:
     assert not RelaySettings(writer="thread").writer_process
     with pytest.raises(ValueError, match="writer"):
         RelaySettings(writer="fork")  # type: ignore[arg-type]
-
-
-def claim_work(i: int) -> tuple[ClaimRequest, ChunkRecords]:
-    """A claim of recipient ``i`` and its record, as the pipeline sends them."""
-    rh = f"{i:064x}"
-    base = {"kind": "send", "campaign_id": "spring", "step": 1, "recipient_hash": rh}
-    return ClaimRequest("spring", 1, rh, "acme", f"s{i}"), ChunkRecords(
-        [], [({**base, "details": {}}, f"s{i}", {}, None)]
-    )
-
-
-def sends_work(i: int) -> SendsCommit:
-    """The transaction ``Store.commit_sends`` sends the child for :func:`claim_work`."""
-    req, records = claim_work(i)
-    return SendsCommit([req], records, [], [], False, NOW)
-
-
-def frame(what: str, work: object) -> bytes:
-    data = pickle.dumps((what, work))
-    return _HEADER.pack(len(data)) + data
-
-
-def answers_in(out: bytes) -> list[tuple[bool, object]]:
-    got = []
-    while out:
-        (size,) = _HEADER.unpack_from(out)
-        got.append(pickle.loads(out[_HEADER.size : _HEADER.size + size]))
-        out = out[_HEADER.size + size :]
-    return got
-
-
-async def test_the_child_runs_queued_commits_in_one_transaction_each_failing_alone(
-    tmp_path: Path,
-) -> None:
-    """The child's loop (run here, in this process, on a pipe): the requests already queued
-    go into one transaction (one BEGIN, one fsync), each in its own savepoint; a work that
-    fails (a database error, any other exception) or that cannot be unpickled is answered with
-    its error and rolled back alone; the answers keep the requests' order."""
-    path = tmp_path / "pm.db"
-    async with Store.connect(sqlite_url(path)):
-        pass  # the schema
-    bad_sql = operator.methodcaller("execute", "INSERT INTO no_such_table VALUES (1)")
-    requests = [frame("claim", sends_work(i)) for i in range(3)]
-    requests.insert(1, frame("bad sql", bad_sql))
-    requests.insert(3, b"".join([_HEADER.pack(5), b"junk!"]))  # does not unpickle
-    requests.append(frame("bad call", operator.itemgetter(5)))  # a TypeError
-    writer = SQLiteWriter(str(path))
-    begins: list[str] = []
-    writer._connection().set_trace_callback(
-        lambda sql: begins.append(sql) if sql.startswith("BEGIN") else None
-    )
-    read, write = os.pipe()
-    os.write(write, b"".join(requests))
-    os.close(write)
-    out = io.BytesIO()
-    try:
-        _serve(_Requests(read), writer, out)  # type: ignore[arg-type]
-    finally:
-        os.close(read)
-        writer.close()
-    assert len(begins) == 1
-    got = answers_in(out.getvalue())
-    assert [ok for ok, _ in got] == [True, False, True, False, True, False]
-    assert isinstance(got[1][1], StoreError)
-    assert "bad sql failed" in str(got[1][1])
-    assert "no_such_table" in str(got[1][1])
-    assert isinstance(got[3][1], pickle.UnpicklingError)
-    assert isinstance(got[5][1], TypeError)  # not a database error: passed on as it is
-    async with Store.connect(sqlite_url(path)) as store:
-        hashes = [f"{i:064x}" for i in range(3)]
-        assert await store.claims.statuses("spring", 1, hashes) == dict.fromkeys(hashes, "pending")
-        assert [e.send_id for e in await store.audit.events()] == ["s0", "s1", "s2"]
-        assert (await store.audit.verify()).ok
-
-
-async def test_a_merged_transaction_that_cannot_begin_fails_every_work(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """If the transaction itself fails, nothing is written and every work is told."""
-    path = tmp_path / "pm.db"
-    async with Store.connect(sqlite_url(path)):
-        pass
-    begin = fastwrite._begin_immediate
-    monkeypatch.setattr(fastwrite, "_begin_immediate", lambda con: begin(con, timeout=0.05))
-    writer = SQLiteWriter(str(path))
-    holder = sqlite3.connect(path, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")  # the write lock, held past the writer's wait
-    try:
-        got = writer.transactions([("one", sends_work(0)), ("two", sends_work(1))])
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
-        writer.close()
-    assert [ok for ok, _ in got] == [False, False]
-    assert all(isinstance(e, StoreError) and "locked" in str(e) for _, e in got)
-    async with Store.connect(sqlite_url(path)) as store:
-        assert await store.audit.events() == []
-
-
-async def test_group_commits_overlap_through_the_writer_process(tmp_path: Path) -> None:
-    """With the writer process the pipeline keeps up to IN_FLIGHT group commits under way
-    (the child merges those queued): never more, every item committed once, in order of
-    need (a result after its claim)."""
-    async with Store.connect(sqlite_url(tmp_path / "pm.db"), writer_process=True) as store:
-        assert store.send_commits_in_flight == ProcessWriter.IN_FLIGHT > 1
-        running = peak = 0
-
-        async def commit(
-            claims: list[tuple[ClaimRequest, ChunkRecords]], results: list[object]
-        ) -> tuple[list[ClaimResult] | Exception, Exception | None]:
-            nonlocal running, peak
-            running += 1
-            peak = max(peak, running)
-            try:
-                claimed, failed = await store.commit_sends(
-                    [c for c, _ in claims],
-                    BatchRecords([(1, r) for _, r in claims]),
-                    [],
-                    [],
-                )
-                return claimed, failed
-            finally:
-                running -= 1
-
-        commits: SendCommits[tuple[ClaimRequest, ChunkRecords], ClaimResult] = SendCommits(
-            commit,  # type: ignore[arg-type]
-            store.send_commits_in_flight,
-        )
-
-        async def one(i: int) -> bool:
-            await asyncio.sleep(0.001 * (i % 7))
-            return (await commits.claim(claim_work(i))).claimed
-
-        assert all(await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(200))), 60))
-        assert 1 < peak <= ProcessWriter.IN_FLIGHT
-        hashes = [f"{i:064x}" for i in range(200)]
-        statuses = await store.claims.statuses("spring", 1, hashes)
-        assert statuses == dict.fromkeys(hashes, "pending")
-        assert len(await store.audit.events()) == 200
-        assert (await store.audit.verify()).ok
-    async with Store.connect(sqlite_url(tmp_path / "pm.db")) as store:
-        assert store.send_commits_in_flight == 1  # the thread: one at a time
-
-
-def test_in_flight_must_be_positive() -> None:
-    async def commit(claims: list[int], results: list[object]) -> tuple[list[int], None]:
-        return claims, None
-
-    with pytest.raises(ValueError, match="in_flight"):
-        SendCommits(commit, 0)  # type: ignore[arg-type]

@@ -358,14 +358,6 @@ class Store:
         """``True`` once :meth:`close` was called."""
         return self._db.closed
 
-    @property
-    def send_commits_in_flight(self) -> int:
-        """How many of the send pipeline's group commits may be under way at once: with the
-        writer process, :attr:`ProcessWriter.IN_FLIGHT` (it runs those that arrived while it
-        committed in its next transaction, so the next group need not wait for the answer
-        to the last); otherwise one (the next group forms while it commits)."""
-        return ProcessWriter.IN_FLIGHT if self._sends_writer is not None else 1
-
     async def close(self) -> None:
         """Close every connection. Idempotent; later calls on the store raise StoreError."""
         if self._reader is not None:

@@ -237,47 +237,6 @@ class SQLiteWriter:
                 raise StoreError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
             return result
 
-    def transactions(
-        self, works: Sequence[tuple[str, Callable[[sqlite3.Connection], object]]]
-    ) -> list[tuple[bool, object]]:
-        """Run several ``(what, work)`` in one transaction, each in its own savepoint: per
-        work, in order, ``(True, result)`` or ``(False, exception)``. A work that raises is
-        rolled back alone (its answer is the exception, as :meth:`transaction` would raise
-        it); if the transaction itself fails (``BEGIN``, a savepoint, ``COMMIT``), nothing
-        is written and every answer is that :class:`StoreError`.
-
-        One ``fsync`` for all: the writer process runs the commits queued up while it
-        committed the one before this way.
-        """
-        answers: list[tuple[bool, object]] = []
-        with self._lock:
-            if self._closed:
-                error = StoreError("recording failed: the store is closed")
-                return [(False, error) for _ in works]
-            try:
-                con = self._connection()
-                _begin_immediate(con)
-                try:
-                    for what, work in works:
-                        con.execute("SAVEPOINT work")
-                        try:
-                            answers.append((True, work(con)))
-                        except Exception as exc:
-                            con.execute("ROLLBACK TO work")
-                            if isinstance(exc, sqlite3.Error):
-                                exc = StoreError(f"{what} failed: {type(exc).__name__}: {exc}")
-                            answers.append((False, exc))
-                        con.execute("RELEASE work")
-                    con.execute("COMMIT")
-                except BaseException:
-                    if con.in_transaction:
-                        con.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                error = StoreError(f"{works[0][0]} failed: {type(exc).__name__}: {exc}")
-                return [(False, error) for _ in works]
-            return answers
-
     async def run(self, what: str, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work(connection)`` in one transaction in the writer thread.
 

@@ -11,10 +11,8 @@ msgs/s with a stand-in writer that cost the loop nothing and answered after 2-4 
 :class:`ProcessWriter` runs the same transactions (the same code:
 :class:`~prospect_mailer.store.fastwrite.SendsCommit` through ``SQLiteWriter``'s transaction)
 in a child process (``main`` here, with the database file's path) that owns its own
-connection: the work goes over a pipe pickled, the answers come back in order. The commits
-that arrive while the child is in a transaction go together into its next one, each in its
-own savepoint (one failing is rolled back alone): one ``fsync`` for them all
-(``SQLiteWriter.transactions``). Only the send pipeline's group commit goes there (``Store.open(...,
+connection: the work goes over a pipe pickled, one transaction at a time, the answers come
+back in order. Only the send pipeline's group commit goes there (``Store.open(...,
 writer_process=True)``); every other write keeps the writer thread, SQLite's write lock
 ordering them as it orders several processes.
 
@@ -36,7 +34,6 @@ import contextlib
 import logging
 import os
 import pickle
-import select
 import signal
 import sqlite3
 import struct
@@ -65,8 +62,6 @@ _CHILD = (
     "import sys; from prospect_mailer.store.writer_process import main; "
     "sys.exit(main(sys.argv[1:]))"
 )
-#: At most this many queued commits go into one transaction in the child.
-MAX_MERGED = 64
 #: The child imports this package from where the parent found it.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -81,13 +76,6 @@ class ProcessWriter:
     #: Seconds between two starts of the child: one that keeps dying is not restarted in a
     #: loop (the commits meanwhile fail, closed).
     RESTART_INTERVAL = 1.0
-    #: Group commits the send pipeline keeps under way at once (``SendCommits``): the child
-    #: runs those that arrived during a transaction together in the next one, so a group
-    #: goes as soon as it forms rather than after the answer to the one before. Through the
-    #: relay (2 KB, 10 sessions) one in flight left the child idle 45% of the time, waiting
-    #: for the event loop to take an answer and send the next group; 4 gave 10-25% more
-    #: msgs/s, 2 about nothing, 16 less (more, smaller groups to pickle).
-    IN_FLIGHT = 4
 
     def __init__(self, path: str, proc: asyncio.subprocess.Process) -> None:
         """Wrap a started child; use :meth:`start` instead."""
@@ -270,89 +258,12 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
 
 
 def _answer(out: BinaryIO, ok: bool, value: object) -> None:
-    """Write one answer (the caller flushes)."""
     try:
         data = pickle.dumps((ok, value), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # an exception that does not pickle
         data = pickle.dumps((False, StoreError(f"{type(value).__name__}: {value} ({exc})")))
     out.write(_HEADER.pack(len(data)) + data)
-
-
-class _Requests:
-    """The parent's frames on a file descriptor: the next one (waiting for it), and then
-    those that have already arrived (without waiting)."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._buf = bytearray()
-        self._eof = False
-
-    def _read(self, wait: bool) -> None:
-        if self._eof or (not wait and not select.select([self._fd], [], [], 0)[0]):
-            return
-        data = os.read(self._fd, 1 << 16)
-        if data:
-            self._buf += data
-        else:
-            self._eof = True
-
-    def _take(self) -> bytes | None:
-        """A whole frame from what has been read, or None."""
-        if len(self._buf) < _HEADER.size:
-            return None
-        end = _HEADER.size + _HEADER.unpack_from(self._buf)[0]
-        if len(self._buf) < end:
-            return None
-        body = bytes(self._buf[_HEADER.size : end])
-        del self._buf[:end]
-        return body
-
-    def next(self) -> bytes | None:
-        """The next frame, waiting for it; None once the parent closed its end.
-
-        Raises:
-            EOFError: the parent's end closed in the middle of a frame.
-        """
-        while (body := self._take()) is None:
-            if self._eof:
-                if self._buf:
-                    raise EOFError("truncated request")
-                return None
-            self._read(wait=True)
-        return body
-
-    def ready(self, limit: int) -> list[bytes]:
-        """Up to ``limit`` more frames, those already arrived."""
-        bodies: list[bytes] = []
-        self._read(wait=False)
-        while len(bodies) < limit and (body := self._take()) is not None:
-            bodies.append(body)
-        return bodies
-
-
-def _serve(requests: _Requests, writer: SQLiteWriter, out: BinaryIO) -> None:
-    """Answer every request, in order: those queued while a transaction ran go together
-    into the next one (one ``fsync``), each in its own savepoint."""
-    while (body := requests.next()) is not None:
-        bodies = [body, *requests.ready(MAX_MERGED - 1)]
-        answers: list[tuple[bool, object]] = []
-        works: list[tuple[str, Callable[[sqlite3.Connection], object]]] = []
-        at: list[int] = []  # where each work's answer goes
-        for data in bodies:
-            try:
-                what, work = pickle.loads(data)  # noqa: S301 - from our own parent
-            except Exception as exc:
-                answers.append((False, exc))
-            else:
-                works.append((what, work))
-                at.append(len(answers))
-                answers.append((False, None))
-        if works:
-            for i, answer in zip(at, writer.transactions(works), strict=True):
-                answers[i] = answer
-        for ok, value in answers:
-            _answer(out, ok, value)
-        out.flush()
+    out.flush()
 
 
 def main(argv: list[str]) -> int:
@@ -364,20 +275,28 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, signal.SIG_IGN)  # the parent ends us by closing the pipe
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a stray print goes to stderr, never into the answers
+    inp = sys.stdin.buffer
     writer = SQLiteWriter(argv[0])
     try:
         writer.open()
     except StoreError as exc:
         _answer(out, False, exc)
-        out.flush()
         return 1
     _answer(out, True, None)
-    out.flush()
     try:
-        _serve(_Requests(sys.stdin.fileno()), writer, out)
-    except EOFError as exc:
-        print(f"writer process: {exc}", file=sys.stderr)
-        return 1
+        while head := inp.read(_HEADER.size):
+            size = _HEADER.unpack(head)[0] if len(head) == _HEADER.size else -1
+            body = inp.read(size) if size >= 0 else b""
+            if size < 0 or len(body) != size:
+                print("writer process: truncated request", file=sys.stderr)
+                return 1
+            try:
+                what, work = pickle.loads(body)  # noqa: S301 - from our own parent
+                result = writer.transaction(what, work)
+            except Exception as exc:
+                _answer(out, False, exc)
+            else:
+                _answer(out, True, result)
     finally:
         writer.close()
     return 0
