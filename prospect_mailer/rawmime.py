@@ -773,6 +773,15 @@ class _Job:
             raw = payload
         done = self.foot_bytes(raw, html, codec) if codec in _IDENTITY_CODECS else None
         utf8 = False
+        if done is None and codec == "ascii" and not html and raw.isascii():
+            # A US-ASCII text whose footer needs more (a French one): what the text level
+            # below does (UTF-8, quoted-printable unless base64) without decoding and encoding
+            # the whole body again; for a big one, five calls over it that each held the GIL.
+            done = self.foot_bytes(raw, False, "utf-8")
+            if done is not None:
+                utf8 = True
+                if cte != "base64":
+                    cte = "quoted-printable"
         if done is not None:
             data, wire_form = done
         else:
