@@ -829,7 +829,8 @@ class _Job:
             if at is None:
                 return None
             footer, plain = self.footer_bytes(True, codec, newline)
-            return raw[:at] + footer + raw[at:], plain and newline == _CRLF
+            view = memoryview(raw)  # one copy of a big body, not four
+            return b"".join((view[:at], footer, view[at:])), plain and newline == _CRLF
         try:
             footer, plain = self.footer_bytes(False, codec, newline)
         except UnicodeEncodeError:
@@ -837,9 +838,8 @@ class _Job:
         plain = plain and newline == _CRLF
         if not raw:
             return footer, plain
-        if not raw.endswith((b"\n", b"\r")):
-            raw += newline
-        return raw + newline + footer, plain
+        tail = newline + footer if raw.endswith((b"\n", b"\r")) else newline + newline + footer
+        return raw + tail, plain  # one copy of a big body, not three
 
     def footer_bytes(self, html: bool, codec: str, newline: bytes) -> tuple[bytes, bool]:
         """A footer encoded as ``add_footer`` writes it into a body in ``codec`` (an identity
