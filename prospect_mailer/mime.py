@@ -72,6 +72,7 @@ __all__ = [
     "crlf_only",
     "footable_parts",
     "insert_html_footer",
+    "line_pieces",
     "parse_message",
     "set_charset_utf8",
 ]
@@ -486,6 +487,21 @@ def crlf_only(data: bytes) -> bool:
         if pairs != lfs or pairs != data.count(b"\r", start, end):
             return False
     return True
+
+
+def line_pieces(data: bytes, size: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of consecutive pieces of ``data`` of whole lines: each ends just after
+    the first LF at least ``size`` bytes past its start, the last at the end of ``data``.
+
+    For work on a big message done a piece at a time (one C call per piece), so that a worker
+    thread gives the GIL back between pieces instead of holding it for the whole body.
+    """
+    start, total = 0, len(data)
+    while start < total:
+        end = data.find(b"\n", start + size) + 1 if total - start > size else 0
+        end = end or total
+        yield start, end
+        start = end
 
 
 def insert_html_footer(body: str, footer: str) -> str:

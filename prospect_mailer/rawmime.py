@@ -74,6 +74,7 @@ from .mime import (
     check_header_safe,
     crlf_only,
     insert_html_footer,
+    line_pieces,
     set_charset_utf8,
 )
 
@@ -539,13 +540,9 @@ def _quoted_printable(data: bytes) -> bytes:
     being held for one long C call over the whole body.
     """
     out: list[bytes] = []
-    start, size = 0, len(data)
-    while start < size:
-        end = data.find(b"\n", start + _QP_PIECE) if size - start > _QP_PIECE else -1
-        end = size if end < 0 else end + 1
+    for start, end in line_pieces(data, _QP_PIECE):
         text = quoprimime.body_encode(data[start:end].decode("latin-1"), maxlinelen=76, eol="\n")
         out.append(text.replace("\n", "\r\n").encode("ascii"))
-        start = end
     return b"".join(out)
 
 

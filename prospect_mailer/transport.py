@@ -45,7 +45,7 @@ from prospect_mailer.errors import (
     TransportPermanentError,
     TransportTemporaryError,
 )
-from prospect_mailer.mime import GIL_PIECE, crlf_only
+from prospect_mailer.mime import GIL_PIECE, crlf_only, line_pieces
 
 __all__ = [
     "Delivery",
@@ -513,15 +513,11 @@ def _prepare_data(message: bytes) -> tuple[int, bytes]:
     # In pieces of whole lines (each starts a line: a leading dot is doubled by hand), about
     # GIL_PIECE bytes each: one replace over 20 MB holds the GIL for 14 ms, a piece for 1.
     pieces: list[bytes] = []
-    start, size = 0, len(message)
-    while start < size:
-        end = message.find(b"\n", start + GIL_PIECE) + 1 if size - start > GIL_PIECE else 0
-        end = end or size
+    for start, end in line_pieces(message, GIL_PIECE):
         piece = message[start:end].replace(b"\r\n.", b"\r\n..")
         pieces += (b".", piece) if piece.startswith(b".") else (piece,)
-        start = end
     pieces.append(ending)
-    return size + len(ending) - 3, b"".join(pieces)
+    return len(message) + len(ending) - 3, b"".join(pieces)
 
 
 class _SMTPOptions(TypedDict, total=False):
