@@ -144,12 +144,17 @@ def relay_stall(big_mb: int, folder: Path) -> float:
                 stderr=subprocess.PIPE, text=True,
             )  # fmt: skip
             worst = 0.0
-            with smtplib.SMTP("127.0.0.1", port, timeout=30) as probe:
-                while big.poll() is None:
-                    t = time.perf_counter()
-                    probe.noop()
-                    worst = max(worst, (time.perf_counter() - t) * 1000)
-                    time.sleep(0.01)
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=30) as probe:
+                    while big.poll() is None:
+                        t = time.perf_counter()
+                        probe.noop()
+                        worst = max(worst, (time.perf_counter() - t) * 1000)
+                        time.sleep(0.01)
+            finally:
+                if big.poll() is None:  # the probe failed: the client is not left behind
+                    big.kill()
+                    big.wait()
             failure = big.stderr.read() if big.stderr else ""
             if big.returncode != 0:
                 raise RuntimeError(f"the big message was refused: {failure.strip()}")
