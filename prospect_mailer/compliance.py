@@ -22,9 +22,9 @@ import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid
+from email.utils import make_msgid
 from functools import lru_cache
 from pathlib import Path
 from typing import Final, Literal
@@ -45,7 +45,14 @@ from jinja2.sandbox import SandboxedEnvironment
 from markupsafe import escape
 
 from .errors import ConfigError, InvalidMessageError
-from .mime import CommaFoldedHeader, add_footer, check_headers_safe, footable_parts, parse_message
+from .mime import (
+    CommaFoldedHeader,
+    add_footer,
+    check_headers_safe,
+    date_value,
+    footable_parts,
+    parse_message,
+)
 
 __all__ = [
     "HTML_FOOTER_CLASS",
@@ -516,7 +523,7 @@ def apply_compliance(
     # Short ASCII values of our own, written as they are: stored raw rather than parsed into
     # header objects that nobody reads here (a reader still gets one, as for any parsed header).
     if "Date" not in msg:
-        msg.set_raw("Date", format_datetime(now if now.tzinfo else now.replace(tzinfo=UTC)))
+        msg.set_raw("Date", date_value(now))
     if "MIME-Version" not in msg:
         msg.set_raw("MIME-Version", "1.0")
     return msg

@@ -18,11 +18,11 @@ import secrets
 from datetime import datetime
 from email.header import Header
 from email.policy import SMTP
-from email.utils import format_datetime, formataddr
+from email.utils import formataddr
 
 from .compliance import LIST_UNSUBSCRIBE_POST, RenderedFooters, build_list_unsubscribe
 from .errors import InvalidMessageError
-from .mime import CommaFoldedHeader, append_text_footer, insert_html_footer
+from .mime import CommaFoldedHeader, append_text_footer, date_value, insert_html_footer
 
 __all__ = ["compose_bytes"]
 
@@ -95,7 +95,7 @@ def compose_bytes(
         _address("From", from_name, from_address),
         _address("To", to_name, to_address),
         _header_text("Subject", subject),
-        f"Date: {format_datetime(now)}",
+        f"Date: {date_value(now)}",
         f"Message-ID: {message_id}",
         "MIME-Version: 1.0",
     ]

@@ -49,6 +49,7 @@ import copy
 import functools
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from email import base64mime, quoprimime
 from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage, Message
@@ -56,7 +57,7 @@ from email.parser import BytesParser
 from email.policy import EmailPolicy, Policy
 from email.policy import compat32 as _compat32
 from email.policy import default as _default_policy
-from email.utils import collapse_rfc2231_value
+from email.utils import collapse_rfc2231_value, format_datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from .errors import InvalidMessageError
@@ -70,6 +71,7 @@ __all__ = [
     "check_header_safe",
     "check_headers_safe",
     "crlf_only",
+    "date_value",
     "footable_parts",
     "insert_html_footer",
     "line_pieces",
@@ -457,6 +459,20 @@ def set_charset_utf8(part: Message) -> None:
 #: Bytes a single C call over a big message covers at most (:func:`crlf_only`, the relay's
 #: dot-stuffing): about 1 ms, so that a worker thread busy with a 20 MB message gives the GIL
 #: back to the event loop every millisecond or so rather than every 10-17 ms.
+@functools.lru_cache(maxsize=4)
+def _date_value(second: datetime) -> str:
+    return format_datetime(second)
+
+
+def date_value(now: datetime) -> str:
+    """``format_datetime(now)`` (a naive ``now`` taken as UTC), the value of a ``Date`` field.
+
+    Formatted once a second, not once a message: ``format_datetime`` costs about 15 µs (1% of
+    a relayed 2 KB message) and shows whole seconds only.
+    """
+    return _date_value((now if now.tzinfo else now.replace(tzinfo=UTC)).replace(microsecond=0))
+
+
 GIL_PIECE = 1 << 20
 _LF = ord("\n")
 

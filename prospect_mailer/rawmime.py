@@ -57,12 +57,12 @@ import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from email import quoprimime
 from email.errors import MessageError
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid
+from email.utils import make_msgid
 from typing import Any, Final
 
 from .compliance import _DOMAIN, LIST_UNSUBSCRIBE_POST, RenderedFooters, build_list_unsubscribe
@@ -73,6 +73,7 @@ from .mime import (
     append_text_footer,
     check_header_safe,
     crlf_only,
+    date_value,
     insert_html_footer,
     line_pieces,
     set_charset_utf8,
@@ -283,8 +284,7 @@ def apply_compliance_bytes(
             message_id = make_msgid(domain=message_id_domain)
             out.append(_message_id_line(message_id))
         if b"date" not in names:
-            when = format_datetime(now if now.tzinfo else now.replace(tzinfo=UTC))
-            out.append(f"Date: {when}\r\n".encode("ascii"))
+            out.append(f"Date: {date_value(now)}\r\n".encode("ascii"))
         if b"mime-version" not in names:
             out.append(b"MIME-Version: 1.0\r\n")
         if from_address is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from email.utils import format_datetime
 
 import pytest
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
@@ -82,3 +84,15 @@ def test_a_big_message_across_piece_edges() -> None:
     assert size == len(dotted)
     assert content == PERIOD_REGEX.sub(b"..", dotted) + b".\r\n"
     assert content[at : at + 3] == b"..x"
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.datetimes(timezones=st.sampled_from([None, UTC, timezone(timedelta(hours=-3, minutes=-30))]))
+)
+def test_date_value_is_format_datetime(now: datetime) -> None:
+    """The Date value formatted once a second is what the email package writes for ``now``
+    (naive taken as UTC), whatever the microseconds and the zone."""
+    aware = now if now.tzinfo else now.replace(tzinfo=UTC)
+    assert mime.date_value(now) == format_datetime(aware)
+    assert mime.date_value(now.replace(microsecond=999_999)) == format_datetime(aware)
