@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from factories import footer_context
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prospect_mailer.compliance import FooterContext, FooterRenderer
+from prospect_mailer import compliance
+from prospect_mailer.compliance import FooterContext, FooterRenderer, build_list_unsubscribe
+from prospect_mailer.errors import ConfigError, InvalidMessageError
 
 BASE = footer_context(source_name="Salon Pro Events", source_type="partner")
 
@@ -112,3 +116,52 @@ def test_templates_that_include_others_are_not_cached(tmp_path: Path) -> None:
     assert renderer.render(replace(BASE, recipient_name="Ann")).text.endswith("Ann")
     assert renderer.render(replace(BASE, recipient_name="Bob")).text.endswith("Bob")
     assert renderer._footers == {}
+
+
+# --- the footer path's shortcuts give what the long way gives ------------------------------------
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=40))
+def test_oneline_shortcut_is_the_line_by_line_collapse(value: str) -> None:
+    lines = [" ".join(line.split()) for line in value.splitlines()]
+    assert compliance._oneline(value) == " ".join(line for line in lines if line)
+    assert compliance._oneline(value, sep=", ") == ", ".join(line for line in lines if line)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.text("abc.-_:@[]/?#%0123456789", max_size=30))
+def test_host_check_is_urlsplits(rest: str) -> None:
+    """The unsubscribe URL is refused exactly when urlsplit finds no host in it (or raises)."""
+    url = "https://" + rest
+    try:
+        expected: bool | type[Exception] = bool(urlsplit(url).hostname)
+    except ValueError:
+        expected = ValueError
+    try:
+        build_list_unsubscribe(url, None)
+        got: bool | type[Exception] = True
+    except InvalidMessageError:
+        got = False
+    except ValueError:
+        got = ValueError
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("which", "text", "html", "what"),
+    [
+        ("txt", lambda t: t.replace("-- \n", "--\n", 1), None, "start with a '-- ' line"),
+        ("txt", lambda t: t.replace(BASE.unsubscribe_url, "x"), None, "show the unsubscribe URL"),
+        ("html", None, lambda h: h.replace('href="', 'data-x="'), "link the unsubscribe URL"),
+        ("html", None, lambda h: h.replace('class="', 'klass="', 1), "have an element of class"),
+    ],
+)
+def test_each_missing_footer_element_is_named(which: str, text: Any, html: Any, what: str) -> None:
+    footers = FooterRenderer().render(BASE)
+    names = (f"footer.{BASE.locale}.txt.j2", f"footer.{BASE.locale}.html.j2")
+    compliance._verify_footers(footers.text, footers.html, BASE, names)  # as rendered: fine
+    broken_text = text(footers.text) if text else footers.text
+    broken_html = html(footers.html) if html else footers.html
+    with pytest.raises(ConfigError, match=rf"footer\.{BASE.locale}\.{which}\.j2.* must {what}"):
+        compliance._verify_footers(broken_text, broken_html, BASE, names)
