@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
+from prospect_mailer import policy
 from prospect_mailer.models import Advertiser, Campaign, Decision, Prospect, RuleResult
 from prospect_mailer.policy import RULES, Facts, SuppressionMatch, decide, explain
 
@@ -438,3 +440,35 @@ def test_prospect_name_with_line_break_refused() -> None:
 
     with pytest.raises(ValidationError, match="name"):
         b2c(name="Jean\r\nBcc: victim@x.example")
+
+
+@pytest.mark.parametrize(
+    ("cls", "values"),
+    [
+        (RuleResult, {"rule_id": "FR_SCOPE_DIRECT_PROSPECTING", "outcome": "warn", "reason": "r"}),
+        (
+            Decision,
+            {
+                "allowed": False,
+                "results": (RuleResult(rule_id="X", outcome="fail", reason="why"),),
+                "effective_recipient_type": "professional",
+                "first_contact": True,
+            },
+        ),
+    ],
+)
+def test_trusted_models_are_what_model_construct_builds(
+    cls: type[RuleResult | Decision], values: dict[str, object]
+) -> None:
+    fast = policy._trusted(cls, dict(values))
+    slow = cls.model_construct(**values)  # type: ignore[arg-type]
+    assert type(fast) is cls
+    assert fast == slow
+    assert hash(fast) == hash(slow)
+    assert repr(fast) == repr(slow)
+    assert fast.model_fields_set == slow.model_fields_set == set(values)
+    assert fast.model_dump() == slow.model_dump()
+    assert fast.__pydantic_extra__ is None
+    assert fast.__pydantic_private__ is None
+    with pytest.raises(ValidationError):  # still frozen
+        fast.__setattr__(next(iter(values)), None)
