@@ -19,7 +19,7 @@ from .compliance import FooterContext, FooterRenderer, apply_compliance
 from .fastmime import compose_bytes
 from .mime import parse_message
 from .models import Campaign, Decision, Prospect
-from .rawmime import apply_compliance_bytes
+from .rawmime import RawHeaders, apply_compliance_bytes
 from .tokens import TokenSigner, UnsubscribeToken
 from .transport import wire_bytes
 
@@ -40,10 +40,13 @@ class RawMessage:
     Attributes:
         data: the message.
         message_id: the Message-ID to add if the message has none, or ``None``.
+        headers: what :func:`~prospect_mailer.rawmime.scan_headers` read of ``data``, if the
+            caller has it (the relay): the header block is then not read again.
     """
 
     data: bytes
     message_id: str | None = None
+    headers: RawHeaders | None = None
 
     def parsed(self) -> EmailMessage:
         """The message parsed by the email package, with the same header changes.
@@ -203,6 +206,7 @@ class Composer:
                 add_message_id=given.message_id,
                 from_display_name=campaign.from_name,
                 from_address=campaign.from_address,
+                headers=given.headers,
             )
             if done is not None:
                 return done[0], done[1], token_id, footers.template_hash

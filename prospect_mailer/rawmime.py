@@ -53,6 +53,7 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import dataclasses
 import functools
 import re
 from collections.abc import Sequence
@@ -177,6 +178,9 @@ class RawHeaders:
 
     fields: tuple[tuple[str, str], ...]
     body_offset: int
+    # The block as the byte level reads it, so that composing this message does not read
+    # it again (apply_compliance_bytes's ``headers``).
+    raw_fields: tuple[_Field, ...] = dataclasses.field(default=(), repr=False, compare=False)
 
     def get_all(self, name: str) -> list[str]:
         """The unfolded values of every field called ``name`` (any case), in order."""
@@ -216,7 +220,7 @@ def scan_headers(data: bytes) -> RawHeaders | None:
         pairs.append(
             (line[: len(lname)].decode("ascii"), line[len(lname) + 2 : -2].decode("ascii"))
         )
-    return RawHeaders(tuple(pairs), body)
+    return RawHeaders(tuple(pairs), body, tuple(fields))
 
 
 def apply_compliance_bytes(
@@ -231,6 +235,7 @@ def apply_compliance_bytes(
     add_message_id: str | None = None,
     from_display_name: str | None = None,
     from_address: str | None = None,
+    headers: RawHeaders | None = None,
 ) -> tuple[bytes, str] | None:
     """Add the footers and compliance headers to a CRLF message; ``(wire bytes, Message-ID)``.
 
@@ -242,6 +247,9 @@ def apply_compliance_bytes(
     missing From becomes ``from_display_name <from_address>``, a bare address gets
     ``from_display_name``), then :func:`~prospect_mailer.transport.wire_bytes`. The Message-ID
     returned is ``str(final["Message-ID"])`` of that path.
+
+    ``headers`` is what :func:`scan_headers` returned for these very bytes, if it was called:
+    the header block is then not read again.
 
     Returns ``None`` when the message's shape is not handled (see the module docstring) or an
     argument is invalid: the caller then takes the general path, which raises the proper error
@@ -258,7 +266,10 @@ def apply_compliance_bytes(
         return None  # the email package would write its other line breaks as CRLF
     try:
         drop = drop_header_prefix.encode("ascii")  # compared with lower-cased names
-        fields, body = _top_fields(data)
+        if headers is not None and headers.raw_fields:
+            fields, body = list(headers.raw_fields), headers.body_offset
+        else:
+            fields, body = _top_fields(data)
         fields = [f for f in fields if not f[0].startswith(drop)]
         names = [f[0] for f in fields]
         if names.count(_LIST_UNSUBSCRIBE) > 1 or names.count(_LIST_UNSUBSCRIBE_POST) > 1:

@@ -422,7 +422,7 @@ class RelayHandler(RelayAuth):
             added = message_id
         to_send: EmailMessage | RawMessage
         if isinstance(message, RawHeaders):
-            to_send = RawMessage(raw, message_id=added)
+            to_send = RawMessage(raw, message_id=added, headers=message)
         else:
             to_send = prepare_relay_message(message, added)
         if added:

@@ -159,6 +159,13 @@ def check(
         assert out_id == ref_id
     assert out == ref
     assert_equivalent(out, ref, data, generated_id=generated)
+    headers = scan_headers(data)
+    if headers is not None:  # the relay's way: the block as scan_headers read it
+        again = fast(data, footers, add_message_id=add_message_id, sender=sender, now=now,
+                     headers=headers)  # fmt: skip
+        assert again is not None, "declined with the scanned headers"
+        again_out, again_id = again
+        assert again_out.replace(again_id.encode(), out_id.encode()) == out
     return out
 
 
