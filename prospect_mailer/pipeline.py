@@ -45,6 +45,7 @@ from .sendplan import (
     Item,
     Options,
     Plan,
+    PlannedEvent,
     SendCommits,
     audit_base,
     chunks,
@@ -398,7 +399,9 @@ class Pipeline:
                 log.error("%d deferred records lost: %s", len(raced), exc)
 
     async def _commit_sends(
-        self, batches: list[ClaimBatch], finished: list[tuple[FinishRequest, AuditEvent]]
+        self,
+        batches: list[ClaimBatch],
+        finished: list[tuple[FinishRequest, AuditEvent | PlannedEvent]],
     ) -> tuple[list[list[ClaimResult]] | Exception, Exception | None]:
         """The group commit of :meth:`claim_and_record` and of the sends' results: many
         chunks' claims and many results, one transaction on SQLite."""
@@ -450,7 +453,7 @@ class Pipeline:
                 try:
                     await self._commits.submit(
                         p.finish_request(campaign, options, status),
-                        p.event(status, extra={"smtp_code": exc.code, "smtp_reply": exc.reply}),
+                        p.planned(status, extra={"smtp_code": exc.code, "smtp_reply": exc.reply}),
                     )
                 except StoreError as store_exc:
                     log.error("%s: could not record %s: %s", p.send_id, status, store_exc)
@@ -467,7 +470,7 @@ class Pipeline:
         try:
             await self._commits.submit(
                 p.finish_request(campaign, options, "sent"),
-                p.event("sent", extra={"smtp_code": delivery.code, "smtp_reply": delivery.reply}),
+                p.planned("sent", extra={"smtp_code": delivery.code, "smtp_reply": delivery.reply}),
             )
         except StoreError as exc:
             # The server accepted the mail: it *was* sent. Say so, and that the record lags.

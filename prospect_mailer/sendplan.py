@@ -18,6 +18,7 @@ __all__ = [
     "Item",
     "Options",
     "Plan",
+    "PlannedEvent",
     "SendCommits",
     "audit_base",
     "chunks",
@@ -67,6 +68,10 @@ class Plan:
     ) -> AuditEvent:
         return plan_event(self.base, self.send_id, status, rule_ids=rule_ids, extra=extra)
 
+    def planned(self, status: str, *, extra: dict[str, Any] | None = None) -> PlannedEvent:
+        """:meth:`event`, built where it is written (see :class:`PlannedEvent`)."""
+        return PlannedEvent(self.base, self.send_id, status, extra)
+
     def finish_request(
         self, campaign: Campaign, options: Options, status: ClaimStatus
     ) -> FinishRequest:
@@ -100,6 +105,29 @@ def plan_event(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class PlannedEvent:
+    """A send's result record as :func:`plan_event`'s arguments; called, the record.
+
+    What a send submits once the transport answered: the group commit builds it where it
+    writes it (``Store.commit_sends``), so with a writer process the record's fields are
+    copied and checked there, off the event loop that serves the relay's sessions; a record
+    that fails its checks fails the results' part of that commit as a built one would. Its
+    pickle is plain data (the audit base's dicts, strings), cheaper than a built record's.
+    """
+
+    base: dict[str, Any]
+    send_id: str
+    status: str
+    extra: dict[str, Any] | None = None
+
+    def __call__(self) -> AuditEvent:
+        return plan_event(self.base, self.send_id, self.status, extra=self.extra)
+
+    def __reduce__(self) -> tuple[type[PlannedEvent], tuple[Any, ...]]:
+        return PlannedEvent, (self.base, self.send_id, self.status, self.extra)
+
+
 def failed_outcome(p: Plan, detail: str) -> Outcome:
     return Outcome(email=p.item.prospect.email, status="failed", send_id=p.send_id, detail=detail)
 
@@ -108,7 +136,7 @@ Claim = TypeVar("Claim")
 ClaimRes = TypeVar("ClaimRes")
 #: ``commit(claims, results) -> (per-claim results or the claims' error, the results' error)``
 SendCommit = Callable[
-    [list[Claim], list[tuple[FinishRequest, AuditEvent]]],
+    [list[Claim], list[tuple[FinishRequest, AuditEvent | PlannedEvent]]],
     Awaitable[tuple[Sequence[ClaimRes] | Exception, Exception | None]],
 ]
 
@@ -126,7 +154,9 @@ class SendCommits(Generic[Claim, ClaimRes]):
     def __init__(self, commit: SendCommit[Claim, ClaimRes]) -> None:
         self._commit = commit
         self._claims: list[tuple[Claim, asyncio.Future[ClaimRes]]] = []
-        self._results: list[tuple[tuple[FinishRequest, AuditEvent], asyncio.Future[None]]] = []
+        self._results: list[
+            tuple[tuple[FinishRequest, AuditEvent | PlannedEvent], asyncio.Future[None]]
+        ] = []
         self._task: asyncio.Task[None] | None = None
 
     async def claim(self, item: Claim) -> ClaimRes:
@@ -135,7 +165,7 @@ class SendCommits(Generic[Claim, ClaimRes]):
         self._claims.append((item, future))
         return await self._wait(future)
 
-    async def submit(self, request: FinishRequest, event: AuditEvent) -> None:
+    async def submit(self, request: FinishRequest, event: AuditEvent | PlannedEvent) -> None:
         """Record one send's result; returns once it is durable."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._results.append(((request, event), future))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import pickle
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +20,8 @@ from sqlalchemy import select
 from store_fixtures import behind_the_stores_back
 
 from prospect_mailer.errors import InvalidInputError, StoreError
-from prospect_mailer.sendplan import SendCommits
+from prospect_mailer.pipeline import ChunkRecords
+from prospect_mailer.sendplan import PlannedEvent, SendCommits, plan_event
 from prospect_mailer.store import (
     AuditEvent,
     ClaimRequest,
@@ -555,3 +557,56 @@ async def test_the_writer_keeps_statement_journals_in_memory(tmp_path: Path) -> 
             "reading", lambda con: con.execute("PRAGMA temp_store").fetchone()
         )
         assert mode == 2  # MEMORY
+
+
+def planned(send_id: str, status: str, **extra: object) -> PlannedEvent:
+    base = {"kind": "send", "campaign_id": "spring", "recipient_hash": R1, "details": {"a": 1}}
+    return PlannedEvent(base, send_id, status, dict(extra))
+
+
+def test_a_planned_event_builds_the_record_plan_event_builds() -> None:
+    """Called (once unpickled too), a result's planned record is the record built at once."""
+    p = planned("s1", "sent", smtp_code=250, smtp_reply="ok", gone=None)
+    built = plan_event(p.base, "s1", "sent", extra={"smtp_code": 250, "smtp_reply": "ok"})
+    assert p() == built
+    assert pickle.loads(pickle.dumps(p))() == built
+    assert built.details == {"a": 1, "smtp_code": 250, "smtp_reply": "ok"}
+
+
+@pytest.mark.parametrize("way", ["thread", "process", "sqlalchemy"])
+async def test_commit_sends_builds_planned_records_where_it_writes(
+    tmp_path: Path, way: str
+) -> None:
+    """A planned result record is written as the built one is, by the writer thread, the
+    writer process or the general path; one that fails its checks fails the results'
+    part alone (the claims and their records are committed), as a malformed record does."""
+    url = sqlite_url(tmp_path / "pm.db")
+    async with Store.connect(url, writer_process=way == "process") as store:
+        if way == "sqlalchemy":
+            store.claims.direct = None
+            store.audit.direct = None
+        assert (await store.claims.claim_many([request("s1")]))[0].claimed
+        sent = planned("s1", "sent", smtp_code=250)
+        claimed, failed = await store.commit_sends([], ChunkRecords([], []), [finish("s1")], [sent])
+        assert claimed == []
+        assert failed is None
+        (record,) = await store.audit.events()
+        assert (record.send_id, record.status, record.details["smtp_code"]) == ("s1", "sent", 250)
+        assert await store.claims.statuses("spring", 1, [R1]) == {R1: "sent"}
+
+        assert (await store.claims.claim_many([request("s2", _hash(2))]))[0].claimed
+        base = {"kind": "send", "campaign_id": "spring", "recipient_hash": _hash(3), "details": {}}
+        claimed, failed = await store.commit_sends(
+            [request("s3", _hash(3))],
+            ChunkRecords([], [(base, "s3", {}, None)]),  # s3's pending record if claimed
+            [finish("s2")],
+            [planned("s2", "Not A Word")],  # fails AuditEvent's checks when built
+        )
+        assert isinstance(failed, InvalidInputError)
+        assert "status" in str(failed)
+        assert not isinstance(claimed, Exception)
+        assert claimed[0].claimed
+        statuses = await store.claims.statuses("spring", 1, [_hash(2), _hash(3)])
+        assert statuses == {_hash(2): "pending", _hash(3): "pending"}
+        assert [r.status for r in await store.audit.events()] == ["sent", "pending"]
+        assert (await store.audit.verify()).ok

@@ -421,7 +421,7 @@ class Store:
         claims: Sequence[ClaimRequest],
         record: Callable[[list[ClaimResult]], Sequence[AuditEvent]],
         finishes: Sequence[FinishRequest],
-        finish_events: Sequence[AuditEvent],
+        finish_events: Sequence[AuditEvent | Callable[[], AuditEvent]],
     ) -> tuple[list[ClaimResult] | Exception, Exception | None]:
         """Record the results of sends and claim new ones, together: the send pipeline's group
         commit, which takes whatever both kinds of caller queued meanwhile.
@@ -432,6 +432,10 @@ class Store:
         committed, and the error is returned for the claims' callers. An error in the results
         or in the records fails both. Elsewhere: :meth:`finish_sends`, then
         :meth:`claim_and_record` (the claims' records are returned by neither: ``records=False``).
+
+        A result's record may be given as a call that builds it (the pipeline's
+        ``PlannedEvent``): it is then built where it is written, in the writer process when
+        there is one, off the caller's event loop.
 
         Returns:
             ``(claim results in order, or the error that claimed nothing; the results' error,
@@ -466,7 +470,8 @@ class Store:
             return (claim_error or failed or results), (finish_error or unfinished)
         if finishes:
             try:
-                await self.finish_sends(finishes, finish_events, records=False)
+                built = [e if isinstance(e, AuditEvent) else e() for e in finish_events]
+                await self.finish_sends(finishes, built, records=False)
             except (StoreError, InvalidInputError) as exc:
                 finish_error = exc
         try:
