@@ -14,11 +14,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
-from typing import Any, TypeVar
 
-from pydantic import BaseModel
-
-from .models import Campaign, Decision, Prospect, RecipientType, RuleOutcome, RuleResult
+from .models import (
+    Campaign,
+    Decision,
+    Prospect,
+    RecipientType,
+    RuleOutcome,
+    RuleResult,
+    trusted,
+)
 
 __all__ = [
     "ARTICLE14_NOTICE_DELAY",
@@ -90,29 +95,11 @@ class Rule:
     check: Callable[[_Ctx], RuleResult] = field(repr=False)
 
 
-_new = object.__new__
-_set = object.__setattr__
-_M = TypeVar("_M", bound=BaseModel)
-
-
-def _trusted(cls: type[_M], values: dict[str, Any]) -> _M:
-    """``cls.model_construct(**values)`` for ``values`` that give every field: the same
-    model (equal, same ``model_fields_set``, no extra or private values), built in 0.9 µs
-    instead of 2.4 (model_construct walks every field for defaults and aliases). Only for
-    this module's values, which need no validation (see :func:`_result`)."""
-    model = _new(cls)
-    _set(model, "__dict__", values)
-    _set(model, "__pydantic_fields_set__", set(values))
-    _set(model, "__pydantic_extra__", None)
-    _set(model, "__pydantic_private__", None)
-    return model
-
-
 def _result(rule_id: str, outcome: RuleOutcome, reason: str) -> RuleResult:
     """A :class:`RuleResult` without pydantic's validation: every field is this module's own
     (rule ids and outcomes are literals here, reasons are built from validated models), and
     validating each result cost about 2% of a relayed message."""
-    return _trusted(RuleResult, {"rule_id": rule_id, "outcome": outcome, "reason": reason})
+    return trusted(RuleResult, {"rule_id": rule_id, "outcome": outcome, "reason": reason})
 
 
 @lru_cache(maxsize=256)
@@ -480,7 +467,7 @@ def decide(prospect: Prospect, campaign: Campaign, facts: Facts, now: datetime) 
         prospecting=campaign.purpose != "transactional",
     )
     results = tuple(rule.check(ctx) for rule in RULES)
-    return _trusted(  # not validated: see _result
+    return trusted(  # not validated: see _result
         Decision,
         {
             "allowed": not any(r.outcome == "fail" for r in results),

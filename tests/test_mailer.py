@@ -437,6 +437,12 @@ async def test_dry_run_decides_like_a_send_and_records_nothing(db: Store) -> Non
     outcomes = [o async for o in mailer.iter_send(people, CAMPAIGN, dry_run=True)]
     assert [o.status for o in outcomes] == ["allowed", "blocked", "duplicate", "blocked"]
     assert outcomes[1].rule_ids == ("SUPP_CHECK_AT_SEND",)
+    # The allowed outcome (built without validation) is the validated one, to its JSON.
+    allowed = outcomes[0]
+    validated = Outcome(email=allowed.email, status="allowed", detail=allowed.detail)
+    assert allowed == validated
+    assert allowed.model_dump_json() == validated.model_dump_json()
+    assert allowed.model_fields_set == validated.model_fields_set
     assert await db.audit.count() == events_before
     assert len(transport.sent) == 1
     # and the real send agrees with the dry run

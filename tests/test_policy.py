@@ -10,8 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from prospect_mailer import policy
-from prospect_mailer.models import Advertiser, Campaign, Decision, Prospect, RuleResult
+from prospect_mailer.models import Advertiser, Campaign, Decision, Prospect, RuleResult, trusted
 from prospect_mailer.policy import RULES, Facts, SuppressionMatch, decide, explain
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -460,7 +459,7 @@ def test_prospect_name_with_line_break_refused() -> None:
 def test_trusted_models_are_what_model_construct_builds(
     cls: type[RuleResult | Decision], values: dict[str, object]
 ) -> None:
-    fast = policy._trusted(cls, dict(values))
+    fast = trusted(cls, dict(values))
     slow = cls.model_construct(**values)  # type: ignore[arg-type]
     assert type(fast) is cls
     assert fast == slow
