@@ -60,6 +60,7 @@ from .store import (
     FinishRequest,
     Store,
 )
+from .store.pickling import plain_pickle
 from .transport import Transport
 
 __all__ = ["Options", "Pipeline"]
@@ -544,6 +545,7 @@ class ClaimBatch:
     record: ChunkRecords
 
 
+@plain_pickle
 @dataclass(frozen=True, slots=True)
 class ChunkRecords:
     """The records of a chunk given its claim results: ``events`` (known before claiming),
@@ -573,6 +575,7 @@ class ChunkRecords:
         return out
 
 
+@plain_pickle
 @dataclass(frozen=True, slots=True)
 class BatchRecords:
     """The records of several chunks claimed in one transaction, given all their claim

@@ -4,10 +4,13 @@ a SQLite file, the child started by the store, an aiosmtpd sink upstream."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import operator
 import os
+import pickle
 import signal
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -16,9 +19,11 @@ from smtp_fixtures import SMTPTestServer
 
 from prospect_mailer.errors import StoreError
 from prospect_mailer.mailer import ProspectMailer
-from prospect_mailer.pipeline import ChunkRecords
+from prospect_mailer.pipeline import BatchRecords, ChunkRecords
 from prospect_mailer.relay_config import RelaySettings
-from prospect_mailer.store import ClaimRequest, ClaimResult, Store, sqlite_url
+from prospect_mailer.store import ClaimRequest, ClaimResult, FinishRequest, Store, sqlite_url
+from prospect_mailer.store.fastwrite import SendsCommit
+from prospect_mailer.store.pickling import plain_pickle
 from prospect_mailer.store.writer_process import ProcessWriter
 from prospect_mailer.tokens import TokenSigner
 from prospect_mailer.transport import SMTPTransport
@@ -238,3 +243,26 @@ def test_the_relay_setting() -> None:
     assert not RelaySettings(writer="thread").writer_process
     with pytest.raises(ValueError, match="writer"):
         RelaySettings(writer="fork")  # type: ignore[arg-type]
+
+
+def test_commit_data_pickles_as_plain_values() -> None:
+    """What every commit sends to the child pickles as its class and field values (no
+    dataclass state dicts) and comes back equal."""
+    now = datetime.now(UTC)
+    claim = ClaimRequest("spring", 1, "a" * 64, "acme", "s1", "key")
+    finish = FinishRequest("spring", 1, "a" * 64, "s1", "sent", "<m@x.example>", "key")
+    records = ChunkRecords([], [({"kind": "send", "details": {}}, "s1", {}, None)])
+    work = SendsCommit([claim], BatchRecords([(1, records)]), [finish], [], False, now)
+    for value in (claim, finish, ClaimResult(True, "failed", "s0", None, True), records, work):
+        assert type(value).__reduce__(value)[0] is type(value)
+        assert pickle.loads(pickle.dumps(value)) == value
+
+
+def test_plain_pickle_refuses_fields_it_could_not_give_back() -> None:
+    @dataclasses.dataclass
+    class Derived:
+        a: int
+        b: int = dataclasses.field(init=False, default=0)
+
+    with pytest.raises(TypeError, match="not __init__ arguments"):
+        plain_pickle(Derived)

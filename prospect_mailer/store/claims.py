@@ -29,6 +29,7 @@ from . import fastwrite
 from .engine import Database
 from .fastread import SQLiteReader
 from .fastwrite import SQLiteWriter
+from .pickling import plain_pickle
 from .suppression import check_hash
 from .tables import AUDIT_EVENTS, SEND_CLAIMS
 
@@ -51,6 +52,7 @@ _ID = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
 _CHUNK = 900
 
 
+@plain_pickle
 @dataclass(frozen=True, slots=True)
 class ClaimResult:
     """Outcome of :meth:`SendClaims.claim`.
@@ -86,6 +88,7 @@ class ClaimRecord:
     message_id: str | None
 
 
+@plain_pickle
 @dataclass(frozen=True, slots=True)
 class ClaimRequest:
     """One send to claim in :meth:`SendClaims.claim_many`."""
@@ -98,6 +101,7 @@ class ClaimRequest:
     message_key: str = ""
 
 
+@plain_pickle
 @dataclass(frozen=True, slots=True)
 class FinishRequest:
     """One claim to finish in :meth:`SendClaims.finish_many`."""

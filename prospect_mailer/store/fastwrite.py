@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, TypeVar
 from ..errors import InvalidInputError, StoreError
 from .audit_records import AuditEvent, chain_rows
 from .engine import SQLITE_PRAGMAS, WRITE_LOCK_WAIT
+from .pickling import plain_pickle
 
 if TYPE_CHECKING:
     from .claims import ClaimRequest, ClaimResult, FinishRequest
@@ -264,6 +265,7 @@ class SQLiteWriter:
 # -- the statements (run in the writer thread, inside SQLiteWriter.transaction) -------------------
 
 
+@plain_pickle
 @dataclass(frozen=True, slots=True)
 class SendsCommit:
     """The group commit of the send pipeline as one transaction's work (see
