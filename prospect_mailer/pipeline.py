@@ -40,7 +40,7 @@ from .errors import (
     TransportPermanentError,
 )
 from .ids import new_id
-from .models import Campaign, Outcome, Prospect, trusted
+from .models import Campaign, Decision, Outcome, Prospect, trusted
 from .sendplan import (
     Item,
     Options,
@@ -108,6 +108,7 @@ class Pipeline:
         # Shared by every send of this pipeline, so concurrent sends (the relay's sessions,
         # several send_many calls) share transactions too.
         self._commits: SendCommits[ClaimBatch, list[ClaimResult]] = SendCommits(self._commit_sends)
+        self._decisions: dict[tuple[int, int], _Decided] = {}
 
     async def run(
         self,
@@ -182,9 +183,48 @@ class Pipeline:
             )
         return items
 
+    def decide(
+        self,
+        prospect: Prospect,
+        campaign: Campaign,
+        facts: policy.Facts,
+        now: datetime,
+        *,
+        keep: bool,
+    ) -> Decision:
+        """``policy.decide``, or the decision kept for it: the relay decides each recipient
+        twice, at RCPT (a dry run that keeps its decision: ``keep``) and at DATA (the send, on
+        facts read again).
+
+        A kept decision is taken (once) for the same prospect and campaign objects, equal
+        facts and a ``now`` from the one it was made at up to :func:`policy.stable_until` (the
+        next date of the prospect's a rule compares the clock with), in the same time zone;
+        else the rules run again. At most :data:`_DECISIONS_KEPT` are kept, the oldest
+        dropped first (a client that never sends DATA).
+        """
+        key = (id(prospect), id(campaign))
+        kept = self._decisions.pop(key, None)
+        if (
+            kept is not None
+            and kept.prospect is prospect
+            and kept.campaign is campaign
+            and kept.facts == facts
+            and kept.at <= now
+            and (kept.until is None or now < kept.until)
+            and now.utcoffset() == kept.at.utcoffset()
+        ):
+            return kept.decision
+        decision = policy.decide(prospect, campaign, facts, now)
+        until = policy.stable_until(prospect, now) if keep else now
+        if until is None or until > now:
+            if len(self._decisions) >= _DECISIONS_KEPT:
+                del self._decisions[next(iter(self._decisions))]  # the oldest
+            self._decisions[key] = _Decided(prospect, campaign, facts, now, until, decision)
+        return decision
+
     def dry_run(self, item: Item, campaign: Campaign, options: Options) -> Outcome:
         p = item.prospect
-        decision = policy.decide(p, campaign, item.facts, self.clock())
+        decision = self.decide(p, campaign, item.facts, self.clock(), keep=options.keep_decision)
         if not decision.allowed:
             return Outcome(
                 email=p.email,
@@ -269,7 +309,7 @@ class Pipeline:
             if isinstance(item, Outcome):
                 slots.append(item)
                 continue
-            decision = policy.decide(item.prospect, campaign, item.facts, now)
+            decision = self.decide(item.prospect, campaign, item.facts, now, keep=False)
             plan = Plan(
                 item,
                 decision,
@@ -527,6 +567,21 @@ class Pipeline:
             await self.store.audit.append(events)
         except StoreError:
             return  # the store is down: the log line is all that can be written
+
+
+#: Decisions :meth:`Pipeline.decide` keeps at most: more than the recipients of a relay's
+#: messages between their RCPT and their DATA (each is taken at DATA); about 5 KB each.
+_DECISIONS_KEPT = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Decided:
+    prospect: Prospect
+    campaign: Campaign
+    facts: policy.Facts
+    at: datetime
+    until: datetime | None
+    decision: Decision
 
 
 async def _cancel_pending(slots: Sequence[Outcome | asyncio.Future[Outcome]]) -> None:

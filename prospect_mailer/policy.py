@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
 from functools import lru_cache
 
 from .models import (
@@ -38,6 +38,7 @@ __all__ = [
     "effective_recipient_type",
     "explain",
     "retention_status",
+    "stable_until",
 ]
 
 #: FR_PROSPECT_RETENTION_3Y: prospect data kept at most 3 years from the last prospect contact.
@@ -354,6 +355,28 @@ def retention_status(prospect: Prospect, now: datetime) -> RetentionStatus:
     ref = max(refs)
     expiry = _add_years(ref, RETENTION_YEARS)
     return RetentionStatus(False, ref, expiry, now > expiry)
+
+
+def stable_until(prospect: Prospect, now: datetime) -> datetime | None:
+    """Until when :func:`decide` keeps its answer for ``prospect`` as time passes.
+
+    Every rule reads the clock only to compare it with a date of the prospect's: consent
+    given (``consent_at``) or withdrawn, the day after ``customer_until``, the retention
+    expiry, the end of the art. 14 notice month after ``collected_at``. With the same
+    campaign and facts, ``decide`` gives the same decision at every ``t`` with
+    ``now <= t < stable_until(prospect, now)`` (same time zone); ``None``: at every later ``t``.
+    The earliest of those dates not before ``now``: one equal to ``now`` leaves no window.
+    """
+    p = prospect
+    found: list[datetime] = [t for t in (p.consent_at, p.consent_withdrawn_at) if t is not None]
+    if p.customer_until is not None:
+        found.append(datetime.combine(p.customer_until + timedelta(days=1), time(), now.tzinfo))
+    expiry = retention_status(p, now).expires_at
+    if expiry is not None:
+        found.append(expiry)
+    if p.collected_at is not None:
+        found.append(p.collected_at + ARTICLE14_NOTICE_DELAY)
+    return min((t for t in found if t >= now), default=None)
 
 
 def _retention(c: _Ctx) -> RuleResult:

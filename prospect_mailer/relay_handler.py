@@ -67,6 +67,12 @@ BIG_MESSAGE = 256 * 1024
 _BARE_LINE_BREAK = re.compile(rb"(?<!\r)\n|\r(?!\n)")
 
 
+#: The RCPT-time check: a dry run without the duplicate lookup (a duplicate is accepted like an
+#: allowed recipient, DATA reports it), whose decision the send at DATA takes if the facts it
+#: reads again are the same.
+_RCPT_CHECK = Options(dry_run=True, duplicates=False, keep_decision=True)
+
+
 def bare_line_break(data: bytes) -> int | None:
     """Offset of the first CR or LF not part of a CRLF pair in ``data``, else ``None``.
 
@@ -283,9 +289,7 @@ class RelayHandler(RelayAuth):
         if envelope.campaign is not None:
             # The rules and the suppression list on the facts known now; a duplicate is
             # accepted like an allowed recipient (DATA reports it), so it is not looked up.
-            outcome = await self.mailer.pipeline.one(
-                prospect, envelope.campaign, Options(dry_run=True, duplicates=False)
-            )
+            outcome = await self.mailer.pipeline.one(prospect, envelope.campaign, _RCPT_CHECK)
             result = recipient_result(address, outcome)
             if not result.ok:
                 if result.kind == "blocked":

@@ -40,6 +40,9 @@ class Options:
     # A dry run reports a recipient already sent (or pending) as a duplicate; without it (the
     # relay's RCPT check, which accepts both alike) the claim statuses are not read.
     duplicates: bool = True
+    # A dry run whose recipient this pipeline is about to send (the relay's RCPT check, before
+    # DATA): its decision is kept for that send, which takes it if nothing changed meanwhile.
+    keep_decision: bool = False
 
 
 @dataclass(frozen=True, slots=True)

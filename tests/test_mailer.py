@@ -9,6 +9,7 @@ import re
 import sqlite3
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,13 @@ from factories import BASE, CAMPAIGN, KEY, NOW, b2b
 from smtp_fixtures import SMTPTestServer
 from store_fixtures import behind_the_stores_back
 
+from prospect_mailer import pipeline as pipeline_module
+from prospect_mailer import policy
 from prospect_mailer.compliance import FooterRenderer
 from prospect_mailer.config import load_settings
 from prospect_mailer.mailer import ProspectMailer
 from prospect_mailer.models import Outcome, Prospect
+from prospect_mailer.policy import Facts, stable_until
 from prospect_mailer.store import Store
 from prospect_mailer.tokens import TokenSigner
 from prospect_mailer.transport import MemoryTransport, SMTPTransport, Transport
@@ -534,3 +538,34 @@ async def test_audit_failure_before_sending_leaves_no_claim_and_sends_nothing(
         # The claim went with its record: a later run is not blocked as a duplicate.
         key = b2b("a@x.example").address.key_hash
         assert await store.claims.statuses(CAMPAIGN.id, CAMPAIGN.step, [key]) == {}
+
+
+async def test_a_kept_decision_is_taken_once_while_nothing_changed(db: Store) -> None:
+    """Pipeline.decide gives back a decision kept by a dry run (keep=True) to the next call
+    for the same prospect and campaign objects and equal facts, at a time the decision
+    still holds, once; any other call runs the rules."""
+    pipeline = make_mailer(db, MemoryTransport()).pipeline
+    p = b2b("keep@x.example", collected_at=NOW - timedelta(days=10))
+    facts = Facts()
+    kept = pipeline.decide(p, CAMPAIGN, facts, NOW, keep=True)
+    assert pipeline.decide(p, CAMPAIGN, Facts(), NOW + timedelta(seconds=1), keep=False) is kept
+    assert pipeline.decide(p, CAMPAIGN, facts, NOW, keep=False) is not kept  # taken already
+    # Each of these runs the rules again.
+    until = stable_until(p, NOW)
+    assert until == NOW + timedelta(days=20)  # the art. 14 month since collection ends
+    for other in (
+        (b2b("keep@x.example", collected_at=NOW - timedelta(days=10)), CAMPAIGN, facts, NOW),
+        (p, CAMPAIGN.model_copy(), facts, NOW),
+        (p, CAMPAIGN, Facts(prior_contact=True), NOW),
+        (p, CAMPAIGN, facts, NOW - timedelta(seconds=1)),  # the clock went back
+        (p, CAMPAIGN, facts, until),  # the art. 14 warning starts to apply
+    ):
+        kept = pipeline.decide(p, CAMPAIGN, facts, NOW, keep=True)
+        again = pipeline.decide(*other, keep=False)
+        assert again is not kept
+        assert again == policy.decide(*other)
+    assert not pipeline._decisions
+    # A decision kept but never taken (no DATA) is dropped once the oldest of too many.
+    for i in range(pipeline_module._DECISIONS_KEPT + 5):
+        pipeline.decide(b2b(f"k{i}@x.example"), CAMPAIGN, facts, NOW, keep=True)
+    assert len(pipeline._decisions) == pipeline_module._DECISIONS_KEPT

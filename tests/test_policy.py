@@ -6,12 +6,12 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from prospect_mailer.models import Advertiser, Campaign, Decision, Prospect, RuleResult, trusted
-from prospect_mailer.policy import RULES, Facts, SuppressionMatch, decide, explain
+from prospect_mailer.policy import RULES, Facts, SuppressionMatch, decide, explain, stable_until
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 ADV = Advertiser(
@@ -471,3 +471,34 @@ def test_trusted_models_are_what_model_construct_builds(
     assert fast.__pydantic_private__ is None
     with pytest.raises(ValidationError):  # still frozen
         fast.__setattr__(next(iter(values)), None)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    p=prospects,
+    until_day=st.none() | st.dates(min_value=date(2015, 1, 1), max_value=date(2030, 1, 1)),
+    prior=st.booleans(),
+    t1=st.datetimes(
+        min_value=datetime(2015, 1, 1), max_value=datetime(2030, 1, 1), timezones=st.just(UTC)
+    ),
+    step=st.floats(min_value=0, max_value=1),
+)
+def test_property_decision_stable_until(
+    p: Prospect, until_day: date | None, prior: bool, t1: datetime, step: float
+) -> None:
+    """decide() gives the same decision at any time in [t1, stable_until(p, t1)), the one
+    just before the end included; a decision memo may keep it that long."""
+    p = p.model_copy(update={"customer_until": until_day})
+    facts = Facts(prior_contact=prior)
+    first = decide(p, campaign(), facts, t1)
+    end = stable_until(p, t1)
+    if end is None:
+        later = [t1 + timedelta(days=365 * 20 * step), t1 + timedelta(days=3650)]
+    else:
+        assert end >= t1
+        if end == t1:
+            return
+        last = end - timedelta(microseconds=1)
+        later = [t1 + (last - t1) * step, last]
+    for t2 in later:
+        assert decide(p, campaign(), facts, t2) == first, t2

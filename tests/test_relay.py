@@ -9,7 +9,10 @@ import email
 import email.policy
 import re
 from email.message import EmailMessage
+from typing import Any
 
+import aiosmtplib
+import pytest
 from relay_fixtures import (
     MARIE,
     PAUL,
@@ -25,7 +28,9 @@ from relay_fixtures import (
     wire,
 )
 
+from prospect_mailer import policy
 from prospect_mailer.compliance import LIST_UNSUBSCRIBE_POST, TEXT_FOOTER_SEPARATOR
+from prospect_mailer.models import Prospect
 
 
 def parse(data: bytes) -> EmailMessage:
@@ -208,3 +213,43 @@ async def test_header_injection_is_refused_with_554(relay_env: RelayEnv) -> None
     assert ex.data[0] == 554
     assert ex.data[1].startswith("5.6.0")
     assert relay_env.sink.messages == []
+
+
+async def test_rules_run_once_per_recipient_unless_something_changed_before_data(
+    make_relay_env: MakeRelayEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decision made at RCPT serves the send at DATA when the facts read again there are
+    the same; an objection recorded between the two blocks the send (the facts differ)."""
+    calls: list[str] = []
+    decide = policy.decide
+
+    def counting(prospect: Prospect, *args: Any) -> Any:
+        calls.append(prospect.email)
+        return decide(prospect, *args)
+
+    monkeypatch.setattr(policy, "decide", counting)
+    env = await make_relay_env(sender_campaigns={SENDER: "spring"})
+    ex = await smtp_exchange(env.port, [MARIE], wire(relay_message(MARIE, message_id="<m2@x>")))
+    assert ex.data is not None
+    assert ex.data[0] == 250
+    assert calls == [MARIE]  # at RCPT; DATA found the same facts
+    assert len(env.received_by(MARIE)) == 1
+
+    calls.clear()
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=env.port, timeout=10)
+    await client.connect()
+    try:
+        await client.mail(SENDER)
+        code, _ = await client.rcpt(PAUL)
+        assert code == 250
+        await env.store.suppression.add_address(
+            PAUL, scope="global", scope_value="", reason="unsubscribe", source="test"
+        )
+        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+            await client.data(wire(relay_message(PAUL, message_id="<m3@x>")))
+    finally:
+        client.close()
+    assert refused.value.code == 550
+    assert refused.value.message.startswith("5.7.1 SUPP_CHECK_AT_SEND")
+    assert calls == [PAUL, PAUL]  # decided again at DATA, on the new facts
+    assert env.received_by(PAUL) == []
