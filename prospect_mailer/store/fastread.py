@@ -42,6 +42,7 @@ cores this takes a batch from about 5.5 to 3.9 ms with half its keys listed
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -49,7 +50,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -88,11 +89,26 @@ RETRY_BUILD = 60.0
 SAVE_WAIT = 10.0
 
 
-def _chunks(keys: Sequence[str]) -> Iterator[tuple[list[str], str]]:
+def _chunks(keys: Sequence[str]) -> list[tuple[list[str], str]]:
     """``keys`` in statements' worth (900 at most), each with its ``?,?,...`` placeholders."""
-    for start in range(0, len(keys), _CHUNK):
-        chunk = list(keys[start : start + _CHUNK])
-        yield chunk, ",".join("?" * len(chunk))
+    if len(keys) <= _CHUNK:  # every relay lookup: one statement
+        return [(list(keys), _marks(len(keys)))]
+    parts = [list(keys[start : start + _CHUNK]) for start in range(0, len(keys), _CHUNK)]
+    return [(part, _marks(len(part))) for part in parts]
+
+
+@functools.lru_cache(maxsize=128)
+def _marks(count: int) -> str:
+    return ",".join("?" * count)
+
+
+@functools.lru_cache(maxsize=256)
+def _in_sql(template: str, marks: str) -> str:
+    """``template`` with its ``{marks}`` or ``IN (?*)`` filled: the same text for the same
+    count, built once (and sqlite3's statement cache finds it by that text)."""
+    if "IN (?*)" in template:
+        return template.replace("IN (?*)", f"IN ({marks})")
+    return template.format(marks=marks)
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -168,10 +184,10 @@ class SQLiteReader:
         try:
             for chunk, marks in _chunks(suppression_prefixes(keys)):
                 if aggregate and self._json:
-                    ((text,),) = con.execute(_SELECT_JSON.format(marks=marks), chunk).fetchall()
+                    ((text,),) = con.execute(_in_sql(_SELECT_JSON, marks), chunk).fetchall()
                     rows += json.loads(text)
                 else:
-                    rows += con.execute(_SELECT.format(marks=marks), chunk).fetchall()
+                    rows += con.execute(_in_sql(_SELECT, marks), chunk).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"suppression lookup failed: {exc}") from exc
         if len(keys) == 1:
@@ -343,7 +359,7 @@ class SQLiteReader:
             raise ValueError("fetch_in needs an 'IN (?*)' marker")
         rows: list[Any] = []
         for chunk, marks in _chunks(keys):
-            rows += await self.fetch(sql.replace("IN (?*)", f"IN ({marks})"), [*params, *chunk])
+            rows += await self.fetch(_in_sql(sql, marks), [*params, *chunk])
         return rows
 
     async def lookup(self, keys: Sequence[str]) -> list[Any]:
