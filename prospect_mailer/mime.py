@@ -49,7 +49,7 @@ import copy
 import functools
 import re
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email import base64mime, quoprimime
 from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage, Message
@@ -460,7 +460,7 @@ def set_charset_utf8(part: Message) -> None:
 #: dot-stuffing): about 1 ms, so that a worker thread busy with a 20 MB message gives the GIL
 #: back to the event loop every millisecond or so rather than every 10-17 ms.
 @functools.lru_cache(maxsize=4)
-def _date_value(second: datetime) -> str:
+def _date_value(second: datetime, offset: timedelta | None) -> str:
     return format_datetime(second)
 
 
@@ -468,9 +468,12 @@ def date_value(now: datetime) -> str:
     """``format_datetime(now)`` (a naive ``now`` taken as UTC), the value of a ``Date`` field.
 
     Formatted once a second, not once a message: ``format_datetime`` costs about 15 µs (1% of
-    a relayed 2 KB message) and shows whole seconds only.
+    a relayed 2 KB message) and shows whole seconds only. Kept by the second and the UTC
+    offset: two times of the same instant in different zones are equal datetimes, but are
+    written with their own offsets.
     """
-    return _date_value((now if now.tzinfo else now.replace(tzinfo=UTC)).replace(microsecond=0))
+    aware = (now if now.tzinfo else now.replace(tzinfo=UTC)).replace(microsecond=0)
+    return _date_value(aware, aware.utcoffset())
 
 
 GIL_PIECE = 1 << 20

@@ -96,3 +96,7 @@ def test_date_value_is_format_datetime(now: datetime) -> None:
     aware = now if now.tzinfo else now.replace(tzinfo=UTC)
     assert mime.date_value(now) == format_datetime(aware)
     assert mime.date_value(now.replace(microsecond=999_999)) == format_datetime(aware)
+    # The same instant in another zone (an equal datetime) is written with its own offset.
+    elsewhere = aware.astimezone(timezone(timedelta(hours=5, minutes=45)))
+    assert mime.date_value(elsewhere) == format_datetime(elsewhere)
+    assert mime.date_value(now) == format_datetime(aware)
