@@ -123,6 +123,10 @@ def test_report_must_be_csv_or_json(cli_env: CliEnv) -> None:
     assert main(argv) == 2
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(cli_env: CliEnv) -> None:
     """The installed console script, interrupted by SIGINT mid-run, then run again."""
@@ -132,7 +136,14 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(cli_env: CliEnv) -> None:
     argv = [str(exe), "send", str(cli_env.campaign), str(csv_file), "--concurrency", "4"]
     env = {**os.environ, "COLUMNS": "200"}
     proc = subprocess.Popen(
-        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        argv,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A suite started in the background by a shell without job control (`make test &`,
+        # some CI runners) ignores SIGINT, and the send would inherit that and finish.
+        preexec_fn=_default_sigint,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(list(cli_env.outbox.glob("*.eml"))) < 50:
