@@ -456,9 +456,6 @@ def set_charset_utf8(part: Message) -> None:
     part.set_param("charset", "utf-8")
 
 
-#: Bytes a single C call over a big message covers at most (:func:`crlf_only`, the relay's
-#: dot-stuffing): about 1 ms, so that a worker thread busy with a 20 MB message gives the GIL
-#: back to the event loop every millisecond or so rather than every 10-17 ms.
 @functools.lru_cache(maxsize=4)
 def _date_value(second: datetime, offset: timedelta | None) -> str:
     return format_datetime(second)
@@ -476,6 +473,9 @@ def date_value(now: datetime) -> str:
     return _date_value(aware, aware.utcoffset())
 
 
+#: Bytes a single C call over a big message covers at most (:func:`crlf_only`, the relay's
+#: dot-stuffing): about 1 ms, so that a worker thread busy with a 20 MB message gives the GIL
+#: back to the event loop every millisecond or so rather than every 10-17 ms.
 GIL_PIECE = 1 << 20
 _LF = ord("\n")
 
