@@ -13,6 +13,7 @@ from .addresses import NormalisedAddress
 from .compose import RawMessage
 from .models import Campaign, Decision, Outcome, Prospect
 from .store import AuditEvent, ClaimStatus, FinishRequest, SuppressionHit
+from .store.pickling import plain_pickle
 
 __all__ = [
     "Item",
@@ -108,6 +109,7 @@ def plan_event(
     )
 
 
+@plain_pickle
 @dataclass(frozen=True, slots=True)
 class PlannedEvent:
     """A send's result record as :func:`plan_event`'s arguments; called, the record.
@@ -126,9 +128,6 @@ class PlannedEvent:
 
     def __call__(self) -> AuditEvent:
         return plan_event(self.base, self.send_id, self.status, extra=self.extra)
-
-    def __reduce__(self) -> tuple[type[PlannedEvent], tuple[Any, ...]]:
-        return PlannedEvent, (self.base, self.send_id, self.status, self.extra)
 
 
 def failed_outcome(p: Plan, detail: str) -> Outcome:

@@ -21,6 +21,7 @@ from prospect_mailer.errors import StoreError
 from prospect_mailer.mailer import ProspectMailer
 from prospect_mailer.pipeline import BatchRecords, ChunkRecords
 from prospect_mailer.relay_config import RelaySettings
+from prospect_mailer.sendplan import PlannedEvent
 from prospect_mailer.store import ClaimRequest, ClaimResult, FinishRequest, Store, sqlite_url
 from prospect_mailer.store.fastwrite import SendsCommit
 from prospect_mailer.store.pickling import plain_pickle
@@ -252,8 +253,16 @@ def test_commit_data_pickles_as_plain_values() -> None:
     claim = ClaimRequest("spring", 1, "a" * 64, "acme", "s1", "key")
     finish = FinishRequest("spring", 1, "a" * 64, "s1", "sent", "<m@x.example>", "key")
     records = ChunkRecords([], [({"kind": "send", "details": {}}, "s1", {}, None)])
-    work = SendsCommit([claim], BatchRecords([(1, records)]), [finish], [], False, now)
-    for value in (claim, finish, ClaimResult(True, "failed", "s0", None, True), records, work):
+    planned = PlannedEvent({"kind": "send", "details": {}}, "s1", "sent", {"smtp_code": 250})
+    work = SendsCommit([claim], BatchRecords([(1, records)]), [finish], [planned], False, now)
+    for value in (
+        claim,
+        finish,
+        ClaimResult(True, "failed", "s0", None, True),
+        records,
+        planned,
+        work,
+    ):
         assert type(value).__reduce__(value)[0] is type(value)
         assert pickle.loads(pickle.dumps(value)) == value
 

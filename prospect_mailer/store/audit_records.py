@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -28,7 +28,9 @@ __all__ = [
     "HASHED_FIELDS",
     "AuditEvent",
     "AuditRecord",
+    "EventSource",
     "VerifyResult",
+    "built",
     "chain_hash",
     "chain_rows",
     "iso_utc",
@@ -208,6 +210,15 @@ class AuditEvent:
             "rule_ids": ",".join(self.rule_ids),
             "details": details,
         }
+
+
+#: A record, or a call that builds it where it is written (the pipeline's ``PlannedEvent``).
+EventSource = AuditEvent | Callable[[], AuditEvent]
+
+
+def built(event: EventSource) -> AuditEvent:
+    """``event`` itself, or the record its call builds."""
+    return event if isinstance(event, AuditEvent) else event()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

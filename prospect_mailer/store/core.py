@@ -24,7 +24,7 @@ from sqlmodel import SQLModel
 from ..errors import InvalidInputError, StoreError
 from . import fastwrite
 from .audit import AuditLog
-from .audit_records import AuditEvent, AuditRecord
+from .audit_records import AuditEvent, AuditRecord, EventSource, built
 from .campaigns import CampaignStore
 from .claims import (
     ClaimRequest,
@@ -421,7 +421,7 @@ class Store:
         claims: Sequence[ClaimRequest],
         record: Callable[[list[ClaimResult]], Sequence[AuditEvent]],
         finishes: Sequence[FinishRequest],
-        finish_events: Sequence[AuditEvent | Callable[[], AuditEvent]],
+        finish_events: Sequence[EventSource],
     ) -> tuple[list[ClaimResult] | Exception, Exception | None]:
         """Record the results of sends and claim new ones, together: the send pipeline's group
         commit, which takes whatever both kinds of caller queued meanwhile.
@@ -470,8 +470,8 @@ class Store:
             return (claim_error or failed or results), (finish_error or unfinished)
         if finishes:
             try:
-                built = [e if isinstance(e, AuditEvent) else e() for e in finish_events]
-                await self.finish_sends(finishes, built, records=False)
+                result_records = [built(e) for e in finish_events]
+                await self.finish_sends(finishes, result_records, records=False)
             except (StoreError, InvalidInputError) as exc:
                 finish_error = exc
         try:

@@ -51,11 +51,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import InvalidInputError, StoreError
-from .audit_records import AuditEvent, chain_rows
+from .audit_records import EventSource, built, chain_rows
 from .engine import SQLITE_PRAGMAS, WRITE_LOCK_WAIT
 from .pickling import plain_pickle
 
 if TYPE_CHECKING:
+    from .audit_records import AuditEvent
     from .claims import ClaimRequest, ClaimResult, FinishRequest
 
 __all__ = ["SQLiteWriter", "SendsCommit", "sqlite_datetime"]
@@ -280,7 +281,7 @@ class SendsCommit:
     claims: list[ClaimRequest]
     record: Callable[[list[ClaimResult]], Sequence[AuditEvent]]
     finishes: list[FinishRequest]
-    finish_events: list[AuditEvent | Callable[[], AuditEvent]]  # built here if calls
+    finish_events: list[EventSource]  # built here if calls
     refused: bool  # the claims were refused before: none is written, nor their records
     now: datetime
 
@@ -293,9 +294,7 @@ class SendsCommit:
         unfinished: Exception | None = None
         if self.finishes:
             try:
-                rows = [
-                    (e if isinstance(e, AuditEvent) else e())._row() for e in self.finish_events
-                ]
+                rows = [built(e)._row() for e in self.finish_events]
             except InvalidInputError as exc:
                 unfinished = exc
             else:
