@@ -433,38 +433,36 @@ def _swapped_marks(which: int, has_mailto: bool) -> tuple[tuple[str, str], ...]:
 def _verify_footers(text: str, html: str, ctx: FooterContext, names: tuple[str, str]) -> None:
     """Refuse footers (e.g. from a user's template) that drop a required element."""
     legal = _oneline(ctx.advertiser_legal_name)
-    if (
-        text.startswith(_TEXT_FOOTER_START)
-        and ctx.unsubscribe_url in text
-        and legal in text
-        and f'href="{escape(ctx.unsubscribe_url)}"' in html
-        and str(escape(legal)) in html
-        and all(marker in html for marker in _HTML_CLASS_MARKERS)
-    ):
-        return
-    checks = [
-        (names[0], text.startswith(TEXT_FOOTER_SEPARATOR + "\n"), "start with a '-- ' line"),
-        (names[0], ctx.unsubscribe_url in text, "show the unsubscribe URL"),
-        (names[0], legal in text, "name the advertiser"),
-        (names[1], f'href="{escape(ctx.unsubscribe_url)}"' in html, "link the unsubscribe URL"),
-        (names[1], str(escape(legal)) in html, "name the advertiser"),
-    ]
-    checks += [
-        (names[1], f'class="{cls}"' in html, f"have an element of class {cls!r}")
-        for cls in (HTML_FOOTER_CLASS, HTML_ORIGIN_CLASS, HTML_OBJECTION_CLASS, HTML_OPTOUT_CLASS)
-    ]
-    for name, ok, what in checks:
+    found = (
+        text.startswith(TEXT_FOOTER_SEPARATOR + "\n"),
+        ctx.unsubscribe_url in text,
+        legal in text,
+        f'href="{escape(ctx.unsubscribe_url)}"' in html,
+        str(escape(legal)) in html,
+        *(marker in html for marker, _ in _HTML_CLASSES),
+    )
+    if all(found):
+        return  # every message: nothing else to build
+    for ok, (template, what) in zip(found, _FOOTER_NEEDS, strict=True):
         if not ok:
             raise ConfigError(
-                f"footer template {name!r} must {what} "
+                f"footer template {names[template]!r} must {what} "
                 "(FR_SENDER_IDENTITY, FR_OPTOUT_EVERY_MESSAGE, GDPR_ART21_OBJECTION_ABSOLUTE)"
             )
 
 
-_TEXT_FOOTER_START: Final = TEXT_FOOTER_SEPARATOR + "\n"
-_HTML_CLASS_MARKERS: Final = tuple(
-    f'class="{cls}"'
+_HTML_CLASSES: Final = tuple(
+    (f'class="{cls}"', f"have an element of class {cls!r}")
     for cls in (HTML_FOOTER_CLASS, HTML_ORIGIN_CLASS, HTML_OBJECTION_CLASS, HTML_OPTOUT_CLASS)
+)
+#: What :func:`_verify_footers` checks, in its order: (0 text, 1 HTML template; the wording).
+_FOOTER_NEEDS: Final = (
+    (0, "start with a '-- ' line"),
+    (0, "show the unsubscribe URL"),
+    (0, "name the advertiser"),
+    (1, "link the unsubscribe URL"),
+    (1, "name the advertiser"),
+    *((1, what) for _, what in _HTML_CLASSES),
 )
 
 
