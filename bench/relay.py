@@ -92,13 +92,15 @@ def tree(pid: int) -> list[int]:
     return [pid, *(p for child in children for p in tree(int(child)))]
 
 
+def own_cpu(pid: int) -> float:
+    """CPU seconds used so far by the process ``pid`` alone (user and system)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_cpu(pid: int) -> float:
     """CPU seconds used so far by ``pid`` and its descendants."""
-    total = 0
-    for p in tree(pid):
-        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+    return sum(own_cpu(p) for p in tree(pid))
 
 
 def proc_peak_rss_mb(pid: int) -> float:
@@ -135,11 +137,13 @@ def ceiling(sink_port: int, msg: Path, n: int, sessions: int, reuse: bool) -> Re
 
 @contextlib.contextmanager
 def serving(
-    kind: str, sink_port: int, prospects: int, workers: int = 1
+    kind: str, sink_port: int, prospects: int, workers: int = 1, checkout: Path = ROOT
 ) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """A server in its own process, listening, forwarding to ``sink_port``: the bare proxy
     (``kind`` "bare", or "bare-uvloop") or ours (``kind`` "ours", on a fresh store with
-    ``prospects`` registered); yields the process and its port, terminates it after."""
+    ``prospects`` registered), run from ``checkout`` (its package first on the path: another
+    checkout of this repository for ``bench.relay_ab``); yields the process and its port,
+    terminates it after."""
     port = free_port()
     with tempfile.TemporaryDirectory(dir=ROOT / "bench" / ".cache") as tmp:
         if kind.startswith("bare"):
@@ -152,7 +156,7 @@ def serving(
             writer = "process" if kind == "ours-process" else "thread"
             cmd = [sys.executable, "-m", "bench.relay_server", db, str(port), str(sink_port),
                    str(prospects), str(workers), writer]  # fmt: skip
-        server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        server = subprocess.Popen(cmd, cwd=checkout, stdout=subprocess.PIPE, text=True)
         try:
             if kind.startswith("ours"):
                 assert server.stdout is not None

@@ -3,9 +3,9 @@
     python -m bench.relay_ab BEFORE AFTER [--pairs 8] [--messages 3000] [--sessions 10]
 
 BEFORE and AFTER are checkouts of this repository (``git worktree add /tmp/before HEAD~3``);
-each run starts ``python -m bench.relay_server`` in one of them (this interpreter, that
-checkout's package first on the path) against one ``smtp-sink``, drives it with
-``smtp-source`` and reads CPU from ``/proc``: the relay process's and its writer child's
+each run starts ``python -m bench.relay_server`` in one of them as ``bench.relay`` does (this
+interpreter, that checkout's package first on the path) against one ``smtp-sink``, drives it
+with ``smtp-source`` and reads CPU from ``/proc``: the relay process's and its writer child's
 apart. The two take turns, the order swapping every pair, so that both see the same minutes
 of a shared VM, whose speed moves by up to 2x within one; the medians are printed last.
 Sequential blocks of runs misled this project once (a 10% gain that alternating pairs showed
@@ -16,50 +16,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from .common import free_port, smtp_sink, wait_port
-from .relay import drive, message_file
-
-
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
+from .common import ROOT, smtp_sink
+from .relay import drive, message_file, own_cpu, serving, tree
 
 
 def one_run(
-    tree: Path, sink: int, msg: Path, n: int, sessions: int, reuse: bool, db: Path
+    checkout: Path, sink: int, msg: Path, n: int, sessions: int, reuse: bool
 ) -> dict[str, float]:
-    """The relay of checkout ``tree``: msgs/s, and CPU µs a message of it and its children."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "bench.relay_server", str(db), str(port), str(sink),
-           str(n + 10), "1", "process"]  # fmt: skip
-    server = subprocess.Popen(cmd, cwd=tree, stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None
-        server.stdout.readline()  # "ready" once its prospects are registered
-        wait_port(port, 60)
-        kids = _children(server.pid)
-        relay0, child0 = _cpu(server.pid), sum(_cpu(k) for k in kids)
+    """The relay of ``checkout``: msgs/s, and CPU µs a message of it and of its children."""
+    with serving("ours-process", sink, n + 10, checkout=checkout) as (server, port):
+        children = tree(server.pid)[1:]
+        relay0, child0 = own_cpu(server.pid), sum(own_cpu(c) for c in children)
         wall, errors = drive(port, msg, n, sessions, reuse)
-        relay1, child1 = _cpu(server.pid), sum(_cpu(k) for k in kids)
-    finally:
-        server.terminate()
-        server.wait(30)
+        relay1, child1 = own_cpu(server.pid), sum(own_cpu(c) for c in children)
     if errors:
-        sys.exit(f"{tree}: smtp-source reported errors: {errors[:3]}")
+        sys.exit(f"{checkout}: smtp-source reported errors: {errors[:3]}")
     return {
         "msgs_per_s": n / wall,
         "relay_cpu_us": (relay1 - relay0) / n * 1e6,
@@ -79,19 +55,17 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write every run and the medians here")
     a = ap.parse_args()
     trees = {"before": a.before.resolve(), "after": a.after.resolve()}
-    for name, tree in trees.items():
-        if not (tree / "bench" / "relay_server.py").is_file():
-            ap.error(f"{name}: {tree} is not a checkout of this repository")
+    for name, checkout in trees.items():
+        if not (checkout / "bench" / "relay_server.py").is_file():
+            ap.error(f"{name}: {checkout} is not a checkout of this repository")
     runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+    (ROOT / "bench" / ".cache").mkdir(parents=True, exist_ok=True)  # serving's stores
     with tempfile.TemporaryDirectory() as tmp, smtp_sink() as (sink, _):
         msg = message_file(Path(tmp), a.size)
         for i in range(a.pairs):
             order = ["before", "after"] if i % 2 == 0 else ["after", "before"]
             for name in order:
-                db = Path(tmp) / f"{name}-{i}.db"
-                got = one_run(
-                    trees[name], sink, msg, a.messages, a.sessions, not a.new_sessions, db
-                )
+                got = one_run(trees[name], sink, msg, a.messages, a.sessions, not a.new_sessions)
                 runs[name].append(got)
                 print(f"pair {i} {name:6s} {got['msgs_per_s']:7.0f} msgs/s  relay "
                       f"{got['relay_cpu_us']:6.0f} µs  child {got['child_cpu_us']:5.0f} µs",
