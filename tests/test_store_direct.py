@@ -491,6 +491,41 @@ async def test_concurrent_claims_and_results_share_transactions(tmp_path: Path) 
         assert (await store.audit.verify()).ok
 
 
+async def test_a_cancelled_caller_takes_nothing_down_with_it(tmp_path: Path) -> None:
+    """A caller cancelled while its commit runs (a relay client that hung up): the batch it
+    was in is still committed, the others in it get their results, and later batches go on
+    (each caller waits on a future of its own; the drain is a task of its own)."""
+    async with Store.connect(sqlite_url(tmp_path / "pm.db")) as store:
+        gate = asyncio.Event()
+        calls = 0
+
+        async def held(
+            claims: list[list[ClaimRequest]], results: list[tuple[FinishRequest, AuditEvent]]
+        ) -> tuple[list[list[ClaimResult]] | Exception, Exception | None]:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await gate.wait()  # the first commit runs until released
+            return await _commit(store, claims, results)
+
+        commits: SendCommits[list[ClaimRequest], list[ClaimResult]] = SendCommits(held)
+        first = asyncio.ensure_future(commits.claim([request("c1", _hash(1))]))
+        second = asyncio.ensure_future(commits.claim([request("c2", _hash(2))]))
+        await asyncio.sleep(0.01)
+        assert calls == 1  # both in the first batch, which is held
+        first.cancel()  # the task that started the drain
+        await asyncio.sleep(0.01)
+        gate.set()
+        assert (await asyncio.wait_for(second, 10))[0].claimed
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        # The cancelled caller's claim was committed with the batch (the database decides).
+        statuses = await store.claims.statuses("spring", 1, [_hash(1), _hash(2)])
+        assert statuses == {_hash(1): "pending", _hash(2): "pending"}
+        assert (await commits.claim([request("c3", _hash(3))]))[0].claimed  # and on it goes
+        assert calls == 2
+
+
 async def _commit(
     store: Store, claims: list[list[ClaimRequest]], results: list[tuple[FinishRequest, AuditEvent]]
 ) -> tuple[list[list[ClaimResult]] | Exception, Exception | None]:
