@@ -30,7 +30,7 @@ import ssl
 from base64 import b64decode
 from collections import Counter
 from collections.abc import Callable, Coroutine
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from aiosmtpd.smtp import MISSING
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
@@ -55,6 +55,7 @@ __all__ = ["RelayServer", "RelaySession", "default_inbound_handler"]
 log = logging.getLogger("prospect_mailer.relay")
 
 _IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+T = TypeVar("T")
 
 # Commands a client may still send while the relay shuts down, to finish the transaction it
 # started; anything else gets 421 4.3.2 and the connection is closed.
@@ -80,6 +81,17 @@ _PLAIN_ANGLE_ADDR = re.compile(
 )
 
 
+class _NotCancelled:
+    """Stands in for a session's task while aiosmtpd's connection_lost or eof_received run
+    during a delivery (see :meth:`RelaySession.connection_lost`)."""
+
+    def cancel(self, msg: object = None) -> bool:
+        return False
+
+
+_NOT_CANCELLED = _NotCancelled()
+
+
 class RelaySession(AiosmtpdSMTP):
     """One client connection: aiosmtpd's protocol plus admission, shutdown and timeouts."""
 
@@ -91,6 +103,10 @@ class RelaySession(AiosmtpdSMTP):
         self.from_allowed_network = False
         self.refused = False
         self.busy = False  # inside handle_DATA: delivering upstream
+        # The client closed (``gone``) or half-closed (``ended``) while a delivery ran: it
+        # runs to its end all the same (see connection_lost), then the session ends.
+        self.gone = False
+        self.ended = False
         self._deadline = 0.0  # of the inactivity timer (loop time)
         self._held: list[bytes] = []  # the lines so far of a multi-line reply (see push)
 
@@ -189,10 +205,37 @@ class RelaySession(AiosmtpdSMTP):
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
+        """aiosmtpd's, except during a delivery: aiosmtpd cancels the session's task when
+        the connection goes, which would cut the delivery half-way: a claim made and nothing
+        sent upstream (or the upstream's transaction dropped before its reply), which the
+        client's retry of the message would then be told was delivered (250, "by an earlier
+        attempt"). The delivery runs to its end instead, recorded as it ends, and the session
+        is let go of after it (:meth:`data_command`); a relay stopping waits for it."""
         if self.refused:
             return  # aiosmtpd never started on this connection
+        if self.busy:
+            self.gone = True
+            self._not_cancelling(super().connection_lost, error)
+            return
         self.relay.release(self)
         super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        """aiosmtpd's (it cancels the session's task at EOF), except during a delivery,
+        which runs to its end: a client that half-closed after its final dot still gets
+        the reply, then the session ends (see :meth:`connection_lost`)."""
+        if self.busy:
+            self.ended = True
+            return self._not_cancelling(super().eof_received)
+        return super().eof_received()
+
+    def _not_cancelling(self, call: Callable[..., T], *args: object) -> T:
+        """``call(*args)`` with aiosmtpd's cancelling of the session's task left out."""
+        task, self._handler_coroutine = self._handler_coroutine, _NOT_CANCELLED  # type: ignore[assignment]
+        try:
+            return call(*args)
+        finally:
+            self._handler_coroutine = task
 
     def close_with(self, reply: str) -> None:
         """Send one last reply and close (unsolicited 421 is allowed: RFC 5321 3.8)."""
@@ -227,9 +270,17 @@ class RelaySession(AiosmtpdSMTP):
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return
         self.envelope.content = self.envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
+        try:
+            status = await self._call_handler_hook("DATA")
+        finally:
+            if self.gone:  # the client went away during the delivery: nobody to answer
+                self.relay.release(self)
+        if self.gone:
+            return  # aiosmtpd's loop ends: the connection is gone (self.transport is None)
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
+        if self.ended:  # half-closed during the delivery: answered, now ended as aiosmtpd does
+            cast(asyncio.WriteTransport, self.transport).close()
 
     async def read_auth_response(self, initial: str | None, challenge: str) -> bytes | None:
         """The decoded AUTH response (initial argument or answer to ``challenge``).
@@ -457,7 +508,10 @@ class RelayServer:
         """Stop accepting, let in-flight transactions finish (``shutdown_grace``), then close.
 
         Idle clients get ``421 4.3.2`` at once; a client in a transaction may finish it (its
-        reply to DATA is sent), then gets 421 at its next command.
+        reply to DATA is sent), then gets 421 at its next command. Past the grace, the
+        clients still in a transaction get 421 (they retry), and a delivery already under
+        way still runs to its end before this returns (never cut half-way: see
+        :meth:`RelaySession.connection_lost`).
         """
         self.closing = True
         server, self._server = self._server, None
@@ -478,6 +532,14 @@ class RelayServer:
             if not self._sessions:
                 break
             await asyncio.sleep(0.01)
+        # A delivery under way runs to its end (see RelaySession.connection_lost), bounded by
+        # the upstream's and the store's timeouts, and by data_timeout here.
+        if self._sessions:
+            log.warning("relay: waiting for %d deliveries under way", len(self._sessions))
+            for _ in range(int(self.settings.data_timeout / 0.01)):
+                if not self._sessions:
+                    break
+                await asyncio.sleep(0.01)
         if server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), 5)

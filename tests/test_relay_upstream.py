@@ -13,6 +13,7 @@ from relay_fixtures import (
     SENDER,
     MakeRelayEnv,
     RelayEnv,
+    close_client,
     relay_message,
     smtp_exchange,
     wire,
@@ -105,3 +106,97 @@ async def test_swaks_through_the_relay(relay_env: RelayEnv, tmp_path: Path) -> N
     assert b"<-  250 2.0.0 1 delivered" in out
     (data,) = relay_env.received_by(MARIE)
     assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in data
+
+
+async def test_a_client_gone_during_the_delivery_does_not_lose_the_message(
+    relay_env: RelayEnv,
+) -> None:
+    """The client hangs up after its final dot, while the relay waits for the upstream's
+    reply. The delivery runs to its end all the same (the upstream accepts it, the send is
+    recorded ``sent``), so the client's retry of the same message, answered "already
+    delivered", is true. Cancelled half-way, the claim would stay ``pending`` with nothing
+    delivered, and that retry would get a 250 for mail never sent."""
+    relay_env.sink.data_delay = 1.0  # the upstream takes a second to accept the message
+    data = wire(relay_message(MARIE, message_id="<gone@crm.example>"))
+    _, writer = await _send_up_to_the_final_dot(relay_env.port, data)
+    try:
+        await asyncio.sleep(0.2)  # the relay is now waiting for the upstream's reply
+    finally:
+        await close_client(writer)  # gone before the relay's answer
+    for _ in range(100):
+        if relay_env.received_by(MARIE):
+            break
+        await asyncio.sleep(0.05)
+    assert len(relay_env.received_by(MARIE)) == 1
+    relay_env.sink.data_delay = 0.0
+    for _ in range(100):  # the result is recorded once the upstream has accepted
+        events = await relay_env.store.audit.events()
+        if any(e.status == "sent" for e in events):
+            break
+        await asyncio.sleep(0.05)
+    assert [e.status for e in events if e.kind == "send"][-2:] == ["pending", "sent"]
+    ex = await smtp_exchange(relay_env.port, [MARIE], data)  # the client's retry
+    assert ex.data is not None
+    assert ex.data[0] == 250, ex.data
+    assert "by an earlier attempt" in ex.data[1]
+    assert len(relay_env.received_by(MARIE)) == 1
+
+
+async def _send_up_to_the_final_dot(
+    port: int, data: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw client: EHLO, MAIL, RCPT, DATA and the message with its final dot; no reply read
+    to it. Returns the connection's reader and writer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await reader.readline()  # greeting
+    for command in (b"EHLO client.test", f"MAIL FROM:<{SENDER}>".encode(),
+                    f"RCPT TO:<{MARIE}>".encode(), b"DATA"):  # fmt: skip
+        writer.write(command + b"\r\n")
+        line = await reader.readline()
+        while line[3:4] == b"-":  # EHLO's lines
+            line = await reader.readline()
+        assert line[:1] in (b"2", b"3"), line
+    writer.write(data + b"\r\n.\r\n")
+    await writer.drain()
+    return reader, writer
+
+
+async def test_a_client_that_half_closes_after_its_final_dot_gets_the_reply(
+    relay_env: RelayEnv,
+) -> None:
+    """aiosmtpd ends a session at EOF, cancelling what it was doing; a client that shuts its
+    side down after the final dot (and waits for the reply) gets it, after the delivery."""
+    relay_env.sink.data_delay = 0.5
+    data = wire(relay_message(MARIE, message_id="<half@crm.example>"))
+    reader, writer = await _send_up_to_the_final_dot(relay_env.port, data)
+    try:
+        await asyncio.sleep(0.1)
+        writer.write_eof()
+        reply = await asyncio.wait_for(reader.readline(), 10)
+        assert reply.startswith(b"250 "), reply
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # then the relay closes
+    finally:
+        await close_client(writer)
+    assert len(relay_env.received_by(MARIE)) == 1
+
+
+async def test_a_relay_stopping_lets_a_delivery_under_way_finish(
+    make_relay_env: MakeRelayEnv,
+) -> None:
+    """Past the shutdown grace the client gets 421 (and retries), but the delivery already
+    under way is not cut half-way: it reaches the upstream and is recorded ``sent`` before
+    the relay has stopped, so the retry's "delivered by an earlier attempt" is true."""
+    relay_env = await make_relay_env(shutdown_grace=0.0)
+    relay_env.sink.data_delay = 1.0
+    data = wire(relay_message(MARIE, message_id="<stop@crm.example>"))
+    reader, writer = await _send_up_to_the_final_dot(relay_env.port, data)
+    try:
+        await asyncio.sleep(0.2)  # the relay waits for the upstream's reply
+        await relay_env.relay.stop()
+        reply = await asyncio.wait_for(reader.readline(), 10)
+        assert reply.startswith(b"421 "), reply
+    finally:
+        await close_client(writer)
+    assert len(relay_env.received_by(MARIE)) == 1  # delivered before stop() returned
+    events = await relay_env.store.audit.events()
+    assert [e.status for e in events if e.kind == "send"][-2:] == ["pending", "sent"]
