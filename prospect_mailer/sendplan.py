@@ -178,10 +178,10 @@ class SendCommits(Generic[Claim, ClaimRes]):
             self._task = asyncio.ensure_future(self._drain())
         # Not shielded: each caller waits on a future of its own, which a cancelled caller
         # cancels and ``_drain`` then skips; the commit and the other callers go on (the
-        # drain is a task of its own). A shield would cost two more turns of the event loop
-        # per wait (its callback, then the caller's wake-up), each behind every session's
-        # queued work: through the relay (2 KB, 10 sessions) 458 against 561 msgs/s, and
-        # 8% more CPU a message (six alternating pairs, ``bench.relay_ab``).
+        # drain is a task of its own). A shield adds a future and a turn of the event loop
+        # to every wait; through the relay (2 KB, 10 sessions, six alternating pairs of
+        # ``bench.relay_ab``) its removal measured 458 -> 561 msgs/s once and 482 -> 477 the
+        # next time: no effect beyond this VM's noise, one mechanism less.
         return await future
 
     async def _drain(self) -> None:
