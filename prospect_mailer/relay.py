@@ -272,6 +272,10 @@ class RelaySession(AiosmtpdSMTP):
         self.envelope.content = self.envelope.original_content = content
         try:
             status = await self._call_handler_hook("DATA")
+        except Exception as exc:
+            if not (self.gone or self.ended):
+                raise  # aiosmtpd answers it (handle_exception) and reads the next command
+            status = await self.handle_exception(exc)  # logged; answered below if still there
         finally:
             if self.gone:  # the client went away during the delivery: nobody to answer
                 self.relay.release(self)
@@ -279,8 +283,10 @@ class RelaySession(AiosmtpdSMTP):
             return  # aiosmtpd's loop ends: the connection is gone (self.transport is None)
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
-        if self.ended:  # half-closed during the delivery: answered, now ended as aiosmtpd does
-            cast(asyncio.WriteTransport, self.transport).close()
+        if self.ended:
+            # Half-closed during the delivery, now answered: the session ends as aiosmtpd ends
+            # one at EOF, its task cancelled (aiosmtpd then closes the connection).
+            raise asyncio.CancelledError
 
     async def read_auth_response(self, initial: str | None, challenge: str) -> bytes | None:
         """The decoded AUTH response (initial argument or answer to ``challenge``).

@@ -162,7 +162,7 @@ async def _send_up_to_the_final_dot(
 
 
 async def test_a_client_that_half_closes_after_its_final_dot_gets_the_reply(
-    relay_env: RelayEnv,
+    relay_env: RelayEnv, caplog: pytest.LogCaptureFixture
 ) -> None:
     """aiosmtpd ends a session at EOF, cancelling what it was doing; a client that shuts its
     side down after the final dot (and waits for the reply) gets it, after the delivery."""
@@ -178,6 +178,9 @@ async def test_a_client_that_half_closes_after_its_final_dot_gets_the_reply(
     finally:
         await close_client(writer)
     assert len(relay_env.received_by(MARIE)) == 1
+    await asyncio.sleep(0.05)
+    assert "relay: unexpected error" not in caplog.text  # the session's end is no error
+    assert relay_env.relay.connections == 0
 
 
 async def test_a_relay_stopping_lets_a_delivery_under_way_finish(
@@ -200,3 +203,34 @@ async def test_a_relay_stopping_lets_a_delivery_under_way_finish(
     assert len(relay_env.received_by(MARIE)) == 1  # delivered before stop() returned
     events = await relay_env.store.audit.events()
     assert [e.status for e in events if e.kind == "send"][-2:] == ["pending", "sent"]
+
+
+async def test_an_error_in_a_delivery_whose_client_left_is_logged_and_the_session_ends(
+    relay_env: RelayEnv, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nobody is left to answer: the error is logged as any other, and the session is let
+    go of (no connection counted, no task left failing)."""
+
+    async def failing(envelope: object) -> str:
+        await asyncio.sleep(0.3)
+        raise RuntimeError("boom after the client left")
+
+    relay_env.relay.handler._data = failing  # type: ignore[method-assign]
+    data = wire(relay_message(MARIE, message_id="<boom@crm.example>"))
+    _, writer = await _send_up_to_the_final_dot(relay_env.port, data)
+    await asyncio.sleep(0.1)
+    (session,) = relay_env.relay._sessions
+    await close_client(writer)
+    for _ in range(100):
+        if "boom after the client left" in caplog.text and relay_env.relay.connections == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert "relay: unexpected error" in caplog.text
+    assert "boom after the client left" in caplog.text
+    assert caplog.text.count("relay: unexpected error") == 1  # the session's end is no error
+    assert relay_env.relay.connections == 0
+    task = session._handler_coroutine
+    assert task is not None
+    await asyncio.wait_for(asyncio.wait([task]), 5)
+    # Ended (or cancelled, as aiosmtpd ends a session), not failing on a reply to nobody.
+    assert task.cancelled() or task.exception() is None
