@@ -130,6 +130,12 @@ class _Rcpt:
     prospect: Prospect | None  # None: an inbound (opt-out or bounce) address
 
 
+def _recipient_key(rcpt: _Rcpt) -> str:
+    """The claim's recipient key of a prospect's recipient."""
+    assert rcpt.prospect is not None
+    return rcpt.prospect.address.key_hash
+
+
 class RelayEnvelope(Envelope):
     """aiosmtpd's envelope plus what the relay learnt during the transaction."""
 
@@ -163,6 +169,8 @@ class RelayHandler(RelayAuth):
         self.inbound = inbound
         self.optout = OptOutService(mailer.store, mailer.signer, clock=mailer.clock)
         self.dsn_transport = dsn_transport
+        # The claims (campaign, step, recipient key, message key) being delivered now.
+        self._delivering: set[tuple[str, int, str, str]] = set()
         routes = [("unsubscribe", mailer.mailto_domain), ("bounce", mailer.bounce_domain)]
         self._inbound_routes = [
             re.compile(rf"{local}\+[^@\s]+@{re.escape(domain)}", re.IGNORECASE)
@@ -446,8 +454,28 @@ class RelayHandler(RelayAuth):
             key = "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
         limit = asyncio.Semaphore(self.settings.concurrency)
 
-        async def one(rcpt: _Rcpt) -> RecipientResult:
+        # The claims of this message being delivered by another session right now: a client
+        # that hung up during a delivery and came back before it ended. Whether that mail
+        # leaves is not known yet, so "delivered by an earlier attempt" could be a 250 for
+        # mail that then fails: those recipients are asked to try again. (Checked before
+        # this message's own are added: a recipient named twice in it is no such case.)
+        claims = [(campaign.id, campaign.step, _recipient_key(r), key) for r in rcpts]
+        running = {c for c in claims if c in self._delivering}
+        mine = set(claims) - running
+        self._delivering |= mine
+
+        async def one(rcpt: _Rcpt, claim: tuple[str, int, str, str]) -> RecipientResult:
             assert rcpt.prospect is not None
+            if claim in running:
+                return RecipientResult(
+                    rcpt.address,
+                    "temporary",
+                    reply_line(
+                        REPLY_TEMPORARY,
+                        f"<{rcpt.address}>: an earlier attempt of this message is still being "
+                        "delivered; try again later",
+                    ),
+                )
             async with limit:
                 try:
                     outcome = await self.mailer.send(
@@ -459,9 +487,12 @@ class RelayHandler(RelayAuth):
                     )
             return recipient_result(rcpt.address, outcome)
 
-        if len(rcpts) == 1:  # nearly all relayed mail: no task to spawn
-            return [await one(rcpts[0])]
-        return list(await asyncio.gather(*(one(r) for r in rcpts)))
+        try:
+            if len(rcpts) == 1:  # nearly all relayed mail: no task to spawn
+                return [await one(rcpts[0], claims[0])]
+            return list(await asyncio.gather(*map(one, rcpts, claims)))
+        finally:
+            self._delivering -= mine
 
     async def _inbound(self, address: str, raw: bytes) -> RecipientResult:
         assert self.inbound is not None  # refused at RCPT otherwise

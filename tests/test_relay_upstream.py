@@ -234,3 +234,41 @@ async def test_an_error_in_a_delivery_whose_client_left_is_logged_and_the_sessio
     await asyncio.wait_for(asyncio.wait([task]), 5)
     # Ended (or cancelled, as aiosmtpd ends a session), not failing on a reply to nobody.
     assert task.cancelled() or task.exception() is None
+
+
+async def test_a_retry_while_the_earlier_attempt_is_still_delivering_is_asked_to_wait(
+    relay_env: RelayEnv,
+) -> None:
+    """The client hangs up during a delivery and retries at once: the earlier attempt's
+    claim is taken but its outcome unknown, so the retry gets 451 (not "delivered by an
+    earlier attempt", which would be a 250 for mail that may still fail). Once it has
+    ended, the next retry is told the truth, and the mail went once."""
+    relay_env.sink.data_delay = 1.0
+    data = wire(relay_message(MARIE, message_id="<again@crm.example>"))
+    _, writer = await _send_up_to_the_final_dot(relay_env.port, data)
+    await asyncio.sleep(0.2)
+    await close_client(writer)
+    ex = await smtp_exchange(relay_env.port, [MARIE], data)  # the earlier one still runs
+    assert ex.data is not None
+    assert ex.data[0] == 451, ex.data
+    assert "still being delivered" in ex.data[1]
+    for _ in range(100):
+        if relay_env.received_by(MARIE):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)  # its result recorded
+    ex = await smtp_exchange(relay_env.port, [MARIE], data)
+    assert ex.data is not None
+    assert ex.data[0] == 250, ex.data
+    assert "by an earlier attempt" in ex.data[1]
+    assert len(relay_env.received_by(MARIE)) == 1
+
+
+async def test_a_recipient_named_twice_in_one_message_is_not_asked_to_wait(
+    relay_env: RelayEnv,
+) -> None:
+    data = wire(relay_message(MARIE, message_id="<twice@crm.example>"))
+    ex = await smtp_exchange(relay_env.port, [MARIE, MARIE], data)
+    assert ex.data is not None
+    assert ex.data[0] == 250, ex.data
+    assert len(relay_env.received_by(MARIE)) == 1
