@@ -11,6 +11,7 @@ from relay_fixtures import (
     MAILTO_DOMAIN,
     MARIE,
     PAUL,
+    SENDER,
     MakeRelayEnv,
     RelayEnv,
     close_client,
@@ -267,3 +268,39 @@ async def test_a_silent_client_is_disconnected_after_the_command_timeout(
         assert 0.5 <= waited < 1.5, waited
     finally:
         writer.close()
+
+
+async def test_a_tls_client_gone_during_the_delivery_does_not_lose_the_message(
+    tls_relay: RelayEnv, smtp_client_tls_context: ssl.SSLContext
+) -> None:
+    """As without TLS (test_relay_upstream): the client sends its final dot over STARTTLS and
+    drops the connection before the reply; the delivery runs to its end, and the client's
+    retry is told the truth."""
+    tls_relay.sink.data_delay = 1.0
+    data = wire(relay_message(MARIE, message_id="<tls-gone@crm.example>"))
+
+    def send_and_drop() -> None:
+        client = smtplib.SMTP("127.0.0.1", tls_relay.port, timeout=10)
+        client.ehlo("client.test")
+        client.starttls(context=smtp_client_tls_context)
+        client.ehlo("client.test")
+        assert client.mail(SENDER)[0] == 250
+        assert client.rcpt(MARIE)[0] == 250
+        client.putcmd("data")
+        assert client.getreply()[0] == 354
+        client.send(data + b"\r\n.\r\n")
+        client.close()  # gone before the relay's answer
+
+    await asyncio.to_thread(send_and_drop)
+    for _ in range(100):
+        if tls_relay.received_by(MARIE):
+            break
+        await asyncio.sleep(0.05)
+    assert len(tls_relay.received_by(MARIE)) == 1
+    tls_relay.sink.data_delay = 0.0
+    await asyncio.sleep(0.3)  # its result recorded
+    ex = await smtp_exchange(tls_relay.port, [MARIE], data, tls=smtp_client_tls_context)
+    assert ex.data is not None
+    assert ex.data[0] == 250, ex.data
+    assert "by an earlier attempt" in ex.data[1]
+    assert len(tls_relay.received_by(MARIE)) == 1
