@@ -76,6 +76,15 @@ class RelayEnv:
         """Raw messages the sink received for ``rcpt``."""
         return [m.data for m in self.sink.messages if rcpt in m.rcpt_tos]
 
+    async def delivered_to(self, rcpt: str, seconds: float = 5.0) -> list[bytes]:
+        """:meth:`received_by`, once the sink has something for ``rcpt`` (or ``seconds``
+        have passed): for a delivery that goes on after its client left."""
+        for _ in range(int(seconds / 0.05)):
+            if self.received_by(rcpt):
+                break
+            await asyncio.sleep(0.05)
+        return self.received_by(rcpt)
+
 
 MakeRelayEnv = Callable[..., Awaitable[RelayEnv]]
 
