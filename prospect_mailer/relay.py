@@ -534,21 +534,23 @@ class RelayServer:
             await asyncio.sleep(0.02)
         for session in list(self._sessions):  # out of time: the client will retry
             session.close_with(REPLY_SHUTDOWN)
-        for _ in range(100):  # let connection_lost run, so no socket outlives the server
-            if not self._sessions:
-                break
-            await asyncio.sleep(0.01)
-        # A delivery under way runs to its end (see RelaySession.connection_lost), bounded by
-        # the upstream's and the store's timeouts, and by data_timeout here.
-        if self._sessions:
+        # Let connection_lost run, so that no socket outlives the server. A delivery under way
+        # runs to its end (see RelaySession.connection_lost), bounded by the upstream's and
+        # the store's timeouts, and by data_timeout here.
+        if not await self._sessions_ended(1.0):
             log.warning("relay: waiting for %d deliveries under way", len(self._sessions))
-            for _ in range(int(self.settings.data_timeout / 0.01)):
-                if not self._sessions:
-                    break
-                await asyncio.sleep(0.01)
+            await self._sessions_ended(self.settings.data_timeout)
         if server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), 5)
+
+    async def _sessions_ended(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for every session to be let go of; whether they were."""
+        for _ in range(int(seconds / 0.01)):
+            if not self._sessions:
+                return True
+            await asyncio.sleep(0.01)
+        return not self._sessions
 
     async def close(self) -> None:
         """:meth:`stop`, then close the mailer (store and upstream) if this relay owns it."""
